@@ -2,14 +2,25 @@
 
 from .bicodec import BiCodecDecoder, Span
 from .config import BiCodecConfig
-from .loading import CheckpointError, LoadReport, checkpoint_layout, load_decoder
+from .loading import (
+    CheckpointError,
+    LoadReport,
+    checkpoint_layout,
+    load_decoder,
+    resolve_bicodec_dir,
+)
+from .streaming import PlannedChunk, StreamingConfig, StreamingSession
 
 __all__ = [
     "BiCodecConfig",
     "BiCodecDecoder",
     "CheckpointError",
     "LoadReport",
+    "PlannedChunk",
     "Span",
+    "StreamingConfig",
+    "StreamingSession",
     "checkpoint_layout",
     "load_decoder",
+    "resolve_bicodec_dir",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from .layers import (
     WNConv1d,
     apply_mask,
 )
+
+if TYPE_CHECKING:
+    from .streaming import StreamingConfig, StreamingSession
 
 TokenInput = Sequence[int] | np.ndarray | Tensor
 
@@ -231,9 +235,7 @@ class BiCodecDecoder(nn.Module):
         span = Span(ids, self.check_global(global_tokens), 0, ids.numel())
         return self.decode_spans([span])[0]
 
-    def decode_batch(
-        self, items: Sequence[tuple[TokenInput, TokenInput]]
-    ) -> list[Tensor]:
+    def decode_batch(self, items: Sequence[tuple[TokenInput, TokenInput]]) -> list[Tensor]:
         """Several (semantic, global) pairs of any lengths and voices in one forward pass."""
         spans = []
         for semantic, global_tokens in items:
@@ -241,9 +243,11 @@ class BiCodecDecoder(nn.Module):
             spans.append(Span(ids, self.check_global(global_tokens), 0, ids.numel()))
         return self.decode_spans(spans)
 
-    def stream(self, global_tokens: TokenInput, config=None):  # noqa: ANN001 - avoids a cycle
-        """A :class:`~decoder_gateway.codec.streaming.StreamingSession` for one utterance."""
-        from .streaming import StreamingSession
+    def stream(
+        self, global_tokens: TokenInput, config: StreamingConfig | None = None
+    ) -> StreamingSession:
+        """A streaming session for one utterance (see :mod:`.streaming`)."""
+        from .streaming import StreamingSession  # imported late: streaming imports this module
 
         return StreamingSession(self, global_tokens, config)
 
@@ -280,7 +284,9 @@ class BiCodecDecoder(nn.Module):
         gen_input, gen_mask = _pad_batch(
             [
                 features[i, :, ga - pa : gb - pa]
-                for i, ((pa, _), (ga, gb)) in enumerate(zip(prenet_windows, gen_windows, strict=True))
+                for i, ((pa, _), (ga, gb)) in enumerate(
+                    zip(prenet_windows, gen_windows, strict=True)
+                )
             ],
             device,
             self.dtype,
@@ -300,6 +306,8 @@ def _as_ids(values: TokenInput, what: str) -> Tensor:
             ids = torch.as_tensor(np.asarray(values))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{what} must be a sequence of integers: {err}") from None
+    if ids.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)  # an empty list parses as float64
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{what} must be integers, got {ids.dtype}")
     if ids.dim() == 2 and ids.shape[0] == 1:

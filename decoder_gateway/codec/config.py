@@ -83,7 +83,10 @@ class BiCodecConfig:
     def from_dict(cls, tok: dict) -> BiCodecConfig:
         try:
             quant, spk, pre, dec = (
-                tok["quantizer"], tok["speaker_encoder"], tok["prenet"], tok["decoder"]
+                tok["quantizer"],
+                tok["speaker_encoder"],
+                tok["prenet"],
+                tok["decoder"],
             )
             sample_rate = int(tok.get("mel_params", {}).get("sample_rate", 16000))
             ratios = [int(r) for r in pre.get("sample_ratios", [1, 1])]

@@ -157,7 +157,10 @@ class DecoderBlock(nn.Module):
         self.block = nn.Sequential(
             Snake(in_dim),
             WNConvTranspose1d(
-                in_dim, out_dim, kernel_size=kernel_size, stride=stride,
+                in_dim,
+                out_dim,
+                kernel_size=kernel_size,
+                stride=stride,
                 padding=(kernel_size - stride) // 2,
             ),
             ResidualUnit(out_dim, 1),

@@ -88,7 +88,9 @@ def load_decoder(
             raise FileNotFoundError(f"BiCodec folder {folder} has no {required.name}")
     device = torch.device(device)
     if dtype != torch.float32 and device.type == "cpu":
-        logger.warning("decoding in %s on the CPU is slow and less exact; float32 is advised", dtype)
+        logger.warning(
+            "decoding in %s on the CPU is slow and less exact; float32 is advised", dtype
+        )
 
     # Built on the meta device: no time spent on random init of 96 M parameters.
     with torch.device("meta"):
@@ -100,7 +102,10 @@ def load_decoder(
     model.load_report = report
     logger.info(
         "BiCodec decoder loaded from %s in %.2f s: %d decode keys, %d skipped (%s)",
-        folder, report.seconds, report.loaded_keys, len(report.skipped_keys),
+        folder,
+        report.seconds,
+        report.loaded_keys,
+        len(report.skipped_keys),
         report.skipped_summary(),
     )
     return model
@@ -148,7 +153,9 @@ def _read_decode_state(
             else:
                 missing.append(key)
         if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            shown = ", ".join(missing[:8])
+            if len(missing) > 8:
+                shown += f" and {len(missing) - 8} more"
             raise CheckpointError(
                 f"{weights_path}: {len(missing)} decode key(s) missing: {shown}. "
                 "Is this the BiCodec folder of a Spark-TTS checkpoint, with a matching config.yaml?"
@@ -163,3 +170,44 @@ def _check_shape(key: str, found: tuple[int, ...], expected: tuple[int, ...]) ->
         raise CheckpointError(
             f"checkpoint key {key} has shape {list(found)}, the config expects {list(expected)}"
         )
+
+
+def resolve_bicodec_dir(
+    bicodec_dir: str | Path | None,
+    repo: str,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+) -> Path:
+    """Where the BiCodec weights are: ``bicodec_dir`` if given, else a hub download.
+
+    The download takes only ``BiCodec/*`` of ``repo`` (about 0.6 GB), never the LLM
+    nor the wav2vec2 encoder that the decode path does not need.
+    """
+    if bicodec_dir:
+        folder = Path(bicodec_dir).expanduser()
+        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"BICODEC_DIR={folder} must hold {CONFIG_FILE} and {WEIGHTS_FILE} "
+                "(the BiCodec/ folder of a Spark-TTS repository)"
+            )
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(
+            repo_id=repo,
+            allow_patterns=["BiCodec/*"],
+            cache_dir=str(cache_dir) if cache_dir else None,
+            token=token or None,
+        )
+    except Exception as err:  # the hub raises many types: offline, 401, 404, timeouts
+        raise RuntimeError(
+            f"could not download BiCodec/* of {repo!r} from the Hugging Face hub "
+            f"({type(err).__name__}: {err}). Set BICODEC_DIR to a local BiCodec folder, "
+            "or TOKENIZER_REPO to a repository with a BiCodec/ folder (and HF_TOKEN if it "
+            "is gated); TOKENIZER_CACHE_DIR sets where downloads go."
+        ) from err
+    folder = Path(snapshot) / "BiCodec"
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"repository {repo!r} has no BiCodec/{WEIGHTS_FILE}")
+    return folder

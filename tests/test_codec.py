@@ -1,0 +1,385 @@
+"""The BiCodec decoder against the reference outputs, the real checkpoint's layout,
+and its own full decode (batching, streaming)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from decoder_gateway.codec import (
+    BiCodecConfig,
+    BiCodecDecoder,
+    CheckpointError,
+    StreamingConfig,
+    checkpoint_layout,
+    load_decoder,
+    resolve_bicodec_dir,
+)
+
+DATA = Path(__file__).parent / "data" / "bicodec"
+GOLDEN = DATA / "golden_small"
+
+
+@pytest.fixture(scope="module")
+def decoder() -> BiCodecDecoder:
+    return load_decoder(GOLDEN)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict[str, np.ndarray]]:
+    npz = np.load(GOLDEN / "cases.npz")
+    names = ("semantic", "global", "wav", "zq", "dvector", "prenet")
+    return [{name: npz[f"{name}_{i}"] for name in names} for i in range(3)]
+
+
+def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    error = (estimate - reference).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(reference.pow(2).sum() / error))
+
+
+# -- the reference ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_matches_reference_waveform(decoder, cases, case):
+    c = cases[case]
+    wav = decoder.decode(c["semantic"][0], c["global"][0, 0])
+    expected = torch.from_numpy(c["wav"][0, 0])
+    assert wav.dtype == torch.float32
+    assert wav.shape == expected.shape == (320 * c["semantic"].shape[1],)
+    assert (wav - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_matches_reference_intermediates(decoder, cases, case):
+    c = cases[case]
+    with torch.inference_mode():
+        d_vector = decoder.speaker_encoder(torch.from_numpy(c["global"][0]))
+        z_q = decoder.quantizer(torch.from_numpy(c["semantic"]))
+        prenet = decoder.prenet(z_q, d_vector, None)
+    for name, value in (("dvector", d_vector), ("zq", z_q), ("prenet", prenet)):
+        assert (value - torch.from_numpy(c[name])).abs().max() <= 1e-5, name
+
+
+# -- the real checkpoint's layout -----------------------------------------------
+
+
+def test_layout_equals_real_manifest_decode_subset():
+    manifest = json.loads((DATA / "manifest_real.json").read_text())
+    decode_keys = {e["key"]: tuple(e["shape"]) for e in manifest["keys"] if e["decode"]}
+    assert len(decode_keys) == manifest["num_decode_keys"] == 319
+    with torch.device("meta"):
+        model = BiCodecDecoder(BiCodecConfig.from_yaml(DATA / "real_config.yaml"))
+    assert checkpoint_layout(model) == decode_keys
+    assert sum(int(np.prod(s)) for s in decode_keys.values()) == 96_287_714
+
+
+def test_real_config_receptive_field_and_hop():
+    with torch.device("meta"):
+        model = BiCodecDecoder(BiCodecConfig.from_yaml(DATA / "real_config.yaml"))
+    assert (model.prenet_context, model.generator_context, model.receptive_field) == (57, 10, 67)
+    assert (model.sample_rate, model.hop_length) == (16000, 320)
+
+
+def test_load_report_lists_skipped_keys(decoder):
+    report = decoder.load_report
+    stored = load_file(GOLDEN / "model.safetensors")
+    assert report.loaded_keys + len(report.skipped_keys) == len(stored)
+    assert any(k.startswith("encoder.") for k in report.skipped_keys)
+    assert any(k.startswith("postnet.") for k in report.skipped_keys)
+    assert "quantizer.in_project.weight_v" in report.skipped_keys
+    assert not any(k.startswith("decoder.") for k in report.skipped_keys)
+    assert "encoder.encoder" in report.skipped_summary()
+
+
+def _copy_checkpoint(tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "BiCodec"
+    folder.mkdir()
+    shutil.copy(GOLDEN / "config.yaml", folder / "config.yaml")
+    state = load_file(GOLDEN / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def _rename_norm(state: dict, gain: str, direction: str) -> None:
+    for key in [k for k in state if k.endswith(".weight_g")]:
+        module = key[: -len(".weight_g")]
+        state[f"{module}.{gain}"] = state.pop(key)
+        state[f"{module}.{direction}"] = state.pop(f"{module}.weight_v")
+
+
+def _fold_norm(state: dict) -> None:
+    for key in [k for k in state if k.endswith(".weight_g")]:
+        module = key[: -len(".weight_g")]
+        g, v = state.pop(key), state.pop(f"{module}.weight_v")
+        state[f"{module}.weight"] = torch._weight_norm(v, g, 0)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: _rename_norm(
+            s, "parametrizations.weight.original0", "parametrizations.weight.original1"
+        ),
+        _fold_norm,
+    ],
+    ids=["parametrizations", "folded"],
+)
+def test_other_weight_norm_spellings_load(tmp_path, cases, edit):
+    model = load_decoder(_copy_checkpoint(tmp_path, edit))
+    c = cases[0]
+    wav = model.decode(c["semantic"][0], c["global"][0, 0])
+    assert (wav - torch.from_numpy(c["wav"][0, 0])).abs().max() <= 1e-5
+
+
+def test_missing_decode_key_is_named(tmp_path):
+    folder = _copy_checkpoint(tmp_path, lambda s: s.pop("prenet.vocos_backbone.norm.shift.bias"))
+    with pytest.raises(CheckpointError, match=r"prenet\.vocos_backbone\.norm\.shift\.bias"):
+        load_decoder(folder)
+
+
+def test_missing_weight_norm_pair_is_named(tmp_path):
+    folder = _copy_checkpoint(tmp_path, lambda s: s.pop("decoder.model.6.weight_v"))
+    with pytest.raises(CheckpointError, match=r"decoder\.model\.6\.weight_g / weight_v"):
+        load_decoder(folder)
+
+
+def test_misshaped_key_is_named(tmp_path):
+    def edit(state):
+        state["speaker_encoder.project.weight"] = torch.zeros(3, 3)
+
+    with pytest.raises(CheckpointError, match=r"speaker_encoder\.project\.weight has shape"):
+        load_decoder(_copy_checkpoint(tmp_path, edit))
+
+
+def test_missing_files_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
+        load_decoder(tmp_path)
+
+
+def test_config_constraints_are_checked(tmp_path):
+    text = (GOLDEN / "config.yaml").read_text().replace("condition_dim: 64", "condition_dim: 32")
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"prenet\.condition_dim"):
+        BiCodecConfig.from_yaml(tmp_path / "config.yaml")
+
+
+# -- weights' origin ---------------------------------------------------------------
+
+
+def test_bicodec_dir_wins(monkeypatch):
+    import huggingface_hub
+
+    def no_download(**kwargs):
+        raise AssertionError("must not download when BICODEC_DIR is set")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    assert resolve_bicodec_dir(GOLDEN, "some/repo") == GOLDEN
+
+
+def test_bicodec_dir_without_weights_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="BICODEC_DIR"):
+        resolve_bicodec_dir(tmp_path, "some/repo")
+
+
+def test_download_takes_only_bicodec(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(**kwargs):
+        calls.append(kwargs)
+        shutil.copytree(GOLDEN, tmp_path / "snap" / "BiCodec")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    folder = resolve_bicodec_dir(None, "unsloth/Spark-TTS-0.5B", tmp_path / "cache", "hf_x")
+    assert folder == tmp_path / "snap" / "BiCodec"
+    assert calls == [
+        {
+            "repo_id": "unsloth/Spark-TTS-0.5B",
+            "allow_patterns": ["BiCodec/*"],
+            "cache_dir": str(tmp_path / "cache"),
+            "token": "hf_x",
+        }
+    ]
+
+
+def test_download_failure_names_the_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="BICODEC_DIR") as err:
+        resolve_bicodec_dir(None, "nobody/no-such-repo", tmp_path)
+    assert "HF_TOKEN" in str(err.value) and "TOKENIZER_REPO" in str(err.value)
+
+
+# -- input validation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("semantic", "global_tokens", "message"),
+    [
+        ([], [0] * 32, "empty"),
+        ([1, 2, 3], [0] * 31, "exactly 32 global tokens, got 31"),
+        ([1, 2, 3], [0] * 33, "exactly 32 global tokens, got 33"),
+        ([1, 2, 3], [0] * 31 + [4096], "global token id 4096 at position 31"),
+        ([1, -1, 3], [0] * 32, "semantic token id -1 at position 1"),
+        ([1, 8192], [0] * 32, "semantic token id 8192"),
+        ([1.5, 2.0], [0] * 32, "must be integers"),
+        ([[1, 2], [3, 4]], [0] * 32, "1-D"),
+        (["a", "b"], [0] * 32, "integers"),
+    ],
+)
+def test_bad_input_raises_value_error(decoder, semantic, global_tokens, message):
+    with pytest.raises(ValueError, match=message):
+        decoder.decode(semantic, global_tokens)
+
+
+def test_accepts_lists_arrays_and_tensors(decoder, cases):
+    c = cases[0]
+    sem, glo = c["semantic"][0], c["global"][0, 0]
+    reference = decoder.decode(sem, glo)
+    assert torch.equal(decoder.decode(sem.tolist(), glo.tolist()), reference)
+    assert torch.equal(decoder.decode(torch.from_numpy(c["semantic"]), glo), reference)
+
+
+# -- batching ------------------------------------------------------------------
+
+
+def test_batch_of_different_lengths_and_voices_equals_single_decodes(decoder, cases):
+    items = [(c["semantic"][0], c["global"][0, 0]) for c in cases]
+    items.append((cases[1]["semantic"][0][:7], cases[2]["global"][0, 0]))  # short, other voice
+    batch = decoder.decode_batch(items)
+    for (semantic, global_tokens), audio in zip(items, batch, strict=True):
+        single = decoder.decode(semantic, global_tokens)
+        assert audio.shape == single.shape == (320 * len(semantic),)
+        assert (audio - single).abs().max() <= 1e-5
+
+
+# -- streaming -----------------------------------------------------------------
+
+
+def _stream(decoder, semantic, global_tokens, config, max_push, seed=0):
+    session = decoder.stream(global_tokens, config)
+    rng = random.Random(seed)
+    chunks, position, first_audio_at = [], 0, None
+    while position < len(semantic):
+        size = rng.randint(1, max_push)
+        session.push(semantic[position : position + size])
+        position += size
+        ready = session.decode_ready()
+        if ready and first_audio_at is None:
+            first_audio_at = position
+        chunks += ready
+    session.finish()
+    chunks += session.decode_ready()
+    assert session.done
+    return chunks, first_audio_at
+
+
+def test_stream_with_full_lookahead_is_exact(decoder, cases):
+    c = cases[2]
+    full = decoder.decode(c["semantic"][0], c["global"][0, 0])
+    config = StreamingConfig(first_lookahead_tokens=67)
+    chunks, _ = _stream(decoder, c["semantic"][0], c["global"][0, 0], config, max_push=5)
+    assert len(chunks) > 3
+    assert (torch.cat(chunks) - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("max_push", [1, 4, 25])
+def test_default_stream_starts_early_keeps_length_and_ends_exact(decoder, cases, max_push):
+    c = cases[2]
+    semantic, global_tokens = c["semantic"][0], c["global"][0, 0]
+    full = decoder.decode(semantic, global_tokens)
+    chunks, first_audio_at = _stream(decoder, semantic, global_tokens, StreamingConfig(), max_push)
+    streamed = torch.cat(chunks)
+    assert streamed.shape == full.shape  # no sample twice, none dropped
+    if max_push == 1:
+        assert first_audio_at == 14  # first chunk 10 tokens + 4 look-ahead
+    assert snr_db(full, streamed) > 20
+    # From where look-ahead reaches the receptive field on, the stream is exact: the end.
+    tail = 320 * 40
+    assert (streamed[-tail:] - full[-tail:]).abs().max() <= 1e-5
+
+
+def test_stream_is_independent_of_arrival_pattern(decoder, cases):
+    c = cases[1]
+    args = (c["semantic"][0], c["global"][0, 0], StreamingConfig())
+    one = torch.cat(_stream(decoder, *args, max_push=1)[0])
+    many = torch.cat(_stream(decoder, *args, max_push=9, seed=3)[0])
+    assert torch.equal(one, many)
+
+
+def test_stream_shorter_than_first_chunk(decoder, cases):
+    c = cases[0]
+    semantic = c["semantic"][0][:3]
+    chunks, _ = _stream(decoder, semantic, c["global"][0, 0], StreamingConfig(), 1)
+    full = decoder.decode(semantic, c["global"][0, 0])
+    assert (torch.cat(chunks) - full).abs().max() <= 1e-5
+
+
+def test_stream_rejects_bad_tokens_and_misuse(decoder, cases):
+    session = decoder.stream(cases[0]["global"][0, 0])
+    with pytest.raises(ValueError, match="outside"):
+        session.push([8192])
+    with pytest.raises(ValueError, match="empty"):
+        session.finish()
+    session.push([1, 2])
+    session.finish()
+    with pytest.raises(RuntimeError):
+        session.push([3])
+    with pytest.raises(ValueError, match="32 global tokens"):
+        decoder.stream([1, 2, 3])
+
+
+def test_streams_of_several_sessions_batch_together(decoder, cases):
+    """Chunks planned by different sessions decode in one batch, as the gateway does."""
+    sessions = [decoder.stream(c["global"][0, 0]) for c in cases]
+    outputs: list[list[torch.Tensor]] = [[] for _ in cases]
+    longest = max(c["semantic"].shape[1] for c in cases)
+    for position in range(0, longest + 1, 3):
+        planned = []
+        for i, (session, c) in enumerate(zip(sessions, cases, strict=True)):
+            tokens = c["semantic"][0]
+            if position < len(tokens):
+                session.push(tokens[position : position + 3])
+            elif not session.finished:
+                session.finish()
+            planned += [(i, chunk) for chunk in session.plan()]
+        audio = decoder.decode_spans([chunk.span for _, chunk in planned])
+        for (i, chunk), samples in zip(planned, audio, strict=True):
+            outputs[i].append(sessions[i].complete(chunk, samples))
+    for session, c, out in zip(sessions, cases, outputs, strict=True):
+        if not session.done:
+            session.finish()
+            out += session.decode_ready()
+        solo = torch.cat(_stream(decoder, c["semantic"][0], c["global"][0, 0], None, 3)[0])
+        assert torch.cat(out).shape == solo.shape
+        assert (torch.cat(out) - solo).abs().max() <= 1e-5
+
+
+# -- dtypes --------------------------------------------------------------------
+
+
+def test_bfloat16_runs_close_to_float32(cases):
+    model = load_decoder(GOLDEN, dtype=torch.bfloat16)
+    c = cases[1]
+    wav = model.decode(c["semantic"][0], c["global"][0, 0])
+    reference = torch.from_numpy(c["wav"][0, 0])
+    assert wav.dtype == torch.float32 and wav.shape == reference.shape
+    assert snr_db(reference, wav) > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(cases):
+    model = load_decoder(GOLDEN, device="cuda")
+    c = cases[1]
+    wav = model.decode(c["semantic"][0], c["global"][0, 0])
+    assert (wav - torch.from_numpy(c["wav"][0, 0])).abs().max() <= 1e-4
