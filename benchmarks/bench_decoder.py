@@ -1,0 +1,284 @@
+"""BiCodec decoder benchmark on the released configuration with random weights.
+
+    python benchmarks/bench_decoder.py [--device cuda] [--dtype bfloat16] [--quick]
+
+Prints tables: decode speed by utterance length, streaming overhead, batching,
+load time and peak memory (decode-only load against reading the whole
+checkpoint), and the SNR of streamed against full decodes per chunking setting.
+Real trained weights are not available here: the generator's gains are raised
+(as in the golden data) so the output carries token-dependent signal, not mostly
+a bias pattern; the SNR figures describe these weights, not trained ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from decoder_gateway.codec import (  # noqa: E402
+    BiCodecConfig,
+    BiCodecDecoder,
+    StreamingConfig,
+    checkpoint_layout,
+    load_decoder,
+)
+from decoder_gateway.codec.layers import WEIGHT_NORMED  # noqa: E402
+
+REAL = REPO / "tests" / "data" / "bicodec"
+TOKENS_PER_SECOND = 50
+
+
+def random_checkpoint(folder: Path) -> Path:
+    """A released-format BiCodec folder: every one of the 842 keys, random values."""
+    torch.manual_seed(0)
+    model = BiCodecDecoder(BiCodecConfig.from_yaml(REAL / "real_config.yaml"))
+    for name, module in model.named_modules():
+        if isinstance(module, WEIGHT_NORMED) and name.startswith("decoder."):
+            module.weight.data *= 1.2  # as the golden data: keeps token signal through 31 convs
+    state = {}
+    normed = {n for n, m in model.named_modules() if isinstance(m, WEIGHT_NORMED)}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in normed and leaf == "weight":
+            norm = torch.linalg.vector_norm(value.flatten(1), dim=1).reshape(
+                -1, *[1] * (value.dim() - 1)
+            )
+            state[f"{module}.weight_g"], state[f"{module}.weight_v"] = norm, value.clone()
+        else:
+            state[key] = value.contiguous()
+    manifest = json.loads((REAL / "manifest_real.json").read_text())
+    assert set(checkpoint_layout(model)) <= {e["key"] for e in manifest["keys"]}
+    for entry in manifest["keys"]:
+        if entry["key"] not in state:
+            state[entry["key"]] = torch.randn(entry["shape"]) * 0.02
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text((REAL / "real_config.yaml").read_text())
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    error = (estimate - reference).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(reference.pow(2).sum() / error))
+
+
+def stream_all(model, semantic, global_tokens, config) -> tuple[torch.Tensor, int]:
+    """Stream token by token; returns the audio and the tokens seen before first audio."""
+    session = model.stream(global_tokens, config)
+    chunks, first = [], None
+    for position, token in enumerate(semantic.tolist(), start=1):
+        session.push([token])
+        ready = session.decode_ready()
+        if ready and first is None:
+            first = position
+        chunks += ready
+    session.finish()
+    chunks += session.decode_ready()
+    return torch.cat(chunks), first or len(semantic)
+
+
+LOAD_PROBE = """
+import sys, time
+import torch
+
+def high_water_mb():  # VmHWM resets at exec, unlike ru_maxrss, which Linux carries over
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+base = high_water_mb()
+started = time.perf_counter()
+from decoder_gateway.codec import load_decoder
+if sys.argv[2] == "decode-only":
+    model = load_decoder(sys.argv[1])
+else:  # the least any full-model load does: every tensor in memory, plus the decoder
+    from safetensors.torch import load_file
+    state = load_file(sys.argv[1] + "/model.safetensors")
+    model = load_decoder(sys.argv[1])
+seconds = time.perf_counter() - started
+print(seconds, base, high_water_mb())
+"""
+
+
+def load_probe(folder: Path, mode: str) -> tuple[float, float, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_PROBE, str(folder), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout.split()
+    return float(out[0]), float(out[1]), float(out[2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    repeats = 1 if args.quick else 3
+
+    print(
+        f"# BiCodec decoder benchmark: device {args.device}, {args.dtype}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_checkpoint(Path(tmp) / "BiCodec")
+        model = load_decoder(folder, device=args.device, dtype=dtype)
+        voice = torch.randint(0, 4096, (32,))
+        gen = torch.Generator().manual_seed(1)
+
+        def tokens(n: int) -> torch.Tensor:
+            return torch.randint(0, 8192, (n,), generator=gen)
+
+        # 1. Speed by length.
+        rows = []
+        for seconds in (0.5, 5, 20):
+            semantic = tokens(int(seconds * TOKENS_PER_SECOND))
+            t = timed(lambda s=semantic: model.decode(s, voice), repeats)
+            rows.append([f"{seconds} s ({len(semantic)} tokens)", t, t / seconds])
+        table("Full decode", ["audio", "time (s)", "time per audio second (RTF)"], rows)
+
+        # 2. Streaming overhead, default settings, token by token.
+        semantic = tokens(10 * TOKENS_PER_SECOND)
+        full_t = timed(lambda: model.decode(semantic, voice), repeats)
+        stream_t = timed(lambda: stream_all(model, semantic, voice, None), 1)
+        table(
+            "Streaming overhead (10 s utterance, tokens pushed one by one, default settings)",
+            ["full decode (s)", "streamed (s)", "overhead"],
+            [[full_t, stream_t, f"{stream_t / full_t:.2f}x"]],
+        )
+
+        # 3. Batching: sequences of 0.8-1.2 s, different voices.
+        rows = []
+        for size in (1, 4, 16):
+            items = [
+                (tokens(40 + (7 * i) % 21), torch.randint(0, 4096, (32,))) for i in range(size)
+            ]
+            single = timed(lambda it=items: [model.decode(s, g) for s, g in it], repeats)
+            batched = timed(lambda it=items: model.decode_batch(it), repeats)
+            rows.append([size, single, batched, f"{single / batched:.2f}x"])
+        table(
+            "Batching (~1 s sequences of different lengths and voices)",
+            ["batch", "singles (s)", "one batch (s)", "speed-up"],
+            rows,
+        )
+
+        # 4. Streaming quality per setting, against the full decode.
+        semantic = tokens(6 * TOKENS_PER_SECOND)
+        full = model.decode(semantic, voice)
+        print(
+            f"\nTest signal (random weights): rms {full.pow(2).mean().sqrt():.3f}, "
+            f"|x| > 0.99 on {(full.abs() > 0.99).float().mean():.1%} of samples"
+        )
+        settings = [
+            ("exact (look-ahead 67 from the start)", StreamingConfig(first_lookahead_tokens=67)),
+            ("default: first 10 + 4, crossfade 320", StreamingConfig()),
+            ("first 10 + 4, no crossfade", StreamingConfig(crossfade_samples=0)),
+            ("first 10 + 4, crossfade 640", StreamingConfig(crossfade_samples=640)),
+            ("first 10 + 0, crossfade 320", StreamingConfig(first_lookahead_tokens=0)),
+            ("first 10 + 8, crossfade 320", StreamingConfig(first_lookahead_tokens=8)),
+            ("first 10 + 16, crossfade 320", StreamingConfig(first_lookahead_tokens=16)),
+            ("speed-up 4 (fast LLM)", StreamingConfig(assumed_speedup=4.0)),
+            ("speed-up 1 (real-time LLM)", StreamingConfig(assumed_speedup=1.0)),
+        ]
+        rows = []
+        for name, config in settings:
+            streamed, first = stream_all(model, semantic, voice, config)
+            assert streamed.shape == full.shape
+            exact_from = next(
+                (
+                    i
+                    for i in range(len(full) // 320)
+                    if (streamed[i * 320 :] - full[i * 320 :]).abs().max() <= 1e-4
+                ),
+                None,
+            )
+            rows.append(
+                [
+                    name,
+                    first,
+                    f"{first * 20} ms",
+                    snr_db(full, streamed),
+                    f"{(streamed - full).abs().max():.2e}",
+                    "-" if exact_from is None else f"{exact_from * 20 / 1000:.2f} s",
+                ]
+            )
+        table(
+            "Streamed against full decode (6 s utterance)",
+            [
+                "setting",
+                "tokens before first audio",
+                "of speech",
+                "SNR (dB)",
+                "max abs err",
+                "exact from",
+            ],
+            rows,
+        )
+
+        # 5. Reduced precision against float32.
+        if args.device != "cpu" and dtype == torch.float32:
+            rows = []
+            for low in (torch.bfloat16, torch.float16):
+                other = load_decoder(folder, device=args.device, dtype=low)
+                rows.append(
+                    [
+                        str(low),
+                        snr_db(full, other.decode(semantic, voice)),
+                        timed(lambda o=other: o.decode(semantic, voice), repeats),
+                    ]
+                )
+            table(
+                "Reduced precision against float32 (6 s)", ["dtype", "SNR (dB)", "time (s)"], rows
+            )
+
+        # 6. Load time and peak memory, each in a fresh process.
+        rows = []
+        for mode in ("decode-only", "whole checkpoint + decoder"):
+            seconds, base, peak = load_probe(folder, mode)
+            rows.append([mode, seconds, f"{peak - base:.0f} MB", f"{peak:.0f} MB"])
+        table(
+            "Load (CPU, fresh process, after `import torch`; 842-key random checkpoint, 626 MB)",
+            ["load", "time (s)", "peak RSS added by the load", "peak RSS"],
+            rows,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""FastAPI app factory: the lifespan builds the shared pipeline once; routers stay thin."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import torch
+from fastapi import FastAPI
+
+from .codec import BiCodecDecoder, load_decoder, resolve_bicodec_dir
+from .decode_worker import DecodeWorker
+from .errors import GatewayError, Overloaded
+from .llm import LLMClient
+from .routes import errors, info, speech_stream, websocket
+from .settings import Settings
+from .synthesis import Synthesizer
+from .voices import VoiceCatalog
+
+logger = logging.getLogger(__name__)
+
+
+class StreamSlots:
+    """Counts active syntheses; refuses, never queues, past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> None:
+        if self.active >= self.limit:
+            raise Overloaded(f"the server is at its limit of {self.limit} concurrent streams")
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+@dataclass
+class Gateway:
+    """What the routes need, built once per process."""
+
+    settings: Settings
+    voices: VoiceCatalog
+    llm: LLMClient
+    decoder: BiCodecDecoder
+    worker: DecodeWorker
+    synthesizer: Synthesizer
+    slots: StreamSlots
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DECODER_DEVICE=cuda but torch sees no CUDA device")
+    return setting
+
+
+async def build_gateway(settings: Settings) -> Gateway:
+    voices = VoiceCatalog.load(settings.voices_file)
+    folder = await asyncio.to_thread(
+        resolve_bicodec_dir,
+        settings.bicodec_dir,
+        settings.tokenizer_repo,
+        settings.tokenizer_cache_dir,
+        settings.hf_token,
+    )
+    decoder = await asyncio.to_thread(
+        load_decoder,
+        folder,
+        pick_device(settings.decoder_device),
+        getattr(torch, settings.decoder_dtype),
+    )
+    llm = LLMClient(
+        settings.llm_base_url, settings.llm_api_key, settings.model_name, settings.llm_timeout_s
+    )
+    try:
+        await llm.check_token_map()
+    except GatewayError as err:  # vLLM may still be starting: /health will retry
+        logger.warning("token ids not checked yet: %s", err.message)
+    worker = DecodeWorker(decoder, settings.decoder_max_batch)
+    worker.start()
+    synthesizer = Synthesizer(settings, llm, worker, voices)
+    slots = StreamSlots(settings.max_concurrent_streams)
+    return Gateway(settings, voices, llm, decoder, worker, synthesizer, slots)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = await build_gateway(settings)
+        app.state.gateway = gateway
+        logger.info(
+            "gateway ready: %d voices, decoder on %s, LLM %s at %s",
+            len(gateway.voices),
+            gateway.decoder.device,
+            settings.model_name,
+            settings.llm_base_url,
+        )
+        try:
+            yield
+        finally:
+            await gateway.worker.close()
+            await gateway.llm.close()
+
+    app = FastAPI(
+        title="Spark-TTS decoder gateway",
+        description="Streaming text-to-speech for African languages (Spark-TTS on vLLM).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for module in (info, speech_stream, websocket):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,49 @@
+"""Error types of the pipeline. Transports map them to HTTP statuses / WS error frames
+in one place (``routes/errors.py``), by their ``status`` and message."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base: carries the HTTP status a transport should answer with."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(GatewayError):
+    status, code = 400, "invalid_request"
+
+
+class VoiceNotFound(InvalidRequest):
+    code = "voice_not_found"
+
+
+class Overloaded(GatewayError):
+    status, code = 429, "too_many_streams"
+
+
+class UpstreamUnavailable(GatewayError):
+    """vLLM cannot be reached (connection refused, timeout) or is not ready."""
+
+    status, code = 503, "llm_unavailable"
+
+
+class UpstreamError(GatewayError):
+    """vLLM answered with an error, or broke off the stream."""
+
+    status, code = 502, "llm_error"
+
+
+class NoAudioGenerated(GatewayError):
+    """The model finished a segment without writing any semantic token."""
+
+    status, code = 502, "no_audio_generated"
+
+
+class DecoderNotReady(GatewayError):
+    status, code = 503, "decoder_not_ready"

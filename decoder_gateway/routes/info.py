@@ -1,0 +1,71 @@
+"""GET /, /v1/voices, /health."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..errors import GatewayError
+from ..protocol import PCM_HEADERS, VoiceInfo, VoiceList
+
+router = APIRouter()
+
+
+@router.get("/v1/voices")
+async def list_voices(request: Request) -> VoiceList:
+    voices = request.app.state.gateway.voices
+    return VoiceList(voices=[VoiceInfo(**v.model_dump(exclude={"global_tokens"})) for v in voices])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 when the decoder is loaded and vLLM answers; 503 with the reason otherwise."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        return JSONResponse({"status": "starting", "reason": "decoder not loaded"}, 503)
+    reason = await gateway.llm.health()
+    if reason is None and not gateway.llm.token_map_checked:
+        try:
+            await gateway.llm.check_token_map()
+        except GatewayError as err:
+            reason = err.message
+    if reason is not None:
+        return JSONResponse({"status": "unavailable", "reason": reason}, 503)
+    return JSONResponse(
+        {"status": "ok", "decoder_device": str(gateway.decoder.device), "model": gateway.llm.model}
+    )
+
+
+@router.get("/")
+async def server_info(request: Request) -> dict:
+    gateway = request.app.state.gateway
+    base = str(request.base_url).rstrip("/")
+    ws_base = base.replace("http", "ws", 1)
+    voice = gateway.voices.default_voice
+    return {
+        "name": "Spark-TTS decoder gateway",
+        "model": gateway.llm.model,
+        "voices": [v.id for v in gateway.voices],
+        "default_voice": voice,
+        "audio_format": {
+            "encoding": "pcm_s16le",
+            "sample_rate": int(PCM_HEADERS["X-Sample-Rate"]),
+            "bit_depth": 16,
+            "channels": 1,
+        },
+        "endpoints": {
+            "POST /v1/audio/speech/stream": "JSON {text, voice, speaker_id, temperature, "
+            "max_tokens} -> streamed audio/pcm",
+            "WS /v1/audio/speech/stream/ws": "JSON {input, voice, speaker_id, temperature, "
+            "segment_id, continue} -> start, binary PCM frames, end",
+            "GET /v1/voices": "the voices",
+            "GET /health": "200 when the decoder is loaded and vLLM answers",
+        },
+        "examples": {
+            "curl": f"curl -sN {base}/v1/audio/speech/stream -H 'Content-Type: application/json' "
+            f'-d \'{{"text": "Oli otya?", "voice": "{voice}"}}\' '
+            "| ffmpeg -f s16le -ar 16000 -ac 1 -i - out.wav",
+            "websocket": f"{ws_base}/v1/audio/speech/stream/ws: send "
+            f'{{"input": "Oli otya?", "voice": "{voice}", "segment_id": 1}}',
+        },
+    }

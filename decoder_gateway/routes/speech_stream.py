@@ -1,0 +1,55 @@
+"""POST /v1/audio/speech/stream: streamed PCM16 over HTTP.
+
+Errors found before the first audio are ordinary HTTP errors (4xx / 503 / 502).
+After the first byte the status is sent, so a failure aborts the response: the
+chunked body ends without its terminator, and the client sees an incomplete
+transfer rather than a short, clean file.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..audio import to_pcm16
+from ..protocol import PCM_HEADERS, SpeechStreamRequest
+
+router = APIRouter()
+logger = logging.getLogger(__name__)
+
+
+@router.post(
+    "/v1/audio/speech/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"audio/pcm": {}}, "description": "PCM16 LE, 16 kHz, mono"}},
+)
+async def speech_stream(body: SpeechStreamRequest, request: Request) -> StreamingResponse:
+    gateway = request.app.state.gateway
+    job = gateway.synthesizer.prepare(
+        body.text, body.voice, body.speaker_id, body.temperature, body.max_tokens
+    )
+    gateway.slots.acquire()
+    audio = gateway.synthesizer.stream(job)
+    try:
+        first = await anext(audio)
+    except BaseException:
+        await audio.aclose()
+        gateway.slots.release()
+        raise
+
+    async def pcm() -> object:
+        try:
+            yield to_pcm16(first)
+            async for chunk in audio:
+                yield to_pcm16(chunk)
+        except Exception as err:
+            logger.error("request %s failed mid-stream: %s", job.request_id, err)
+            raise
+        finally:
+            await audio.aclose()
+            gateway.slots.release()
+
+    headers = {**PCM_HEADERS, "X-Request-Id": job.request_id}
+    return StreamingResponse(pcm(), media_type="audio/pcm", headers=headers)

