@@ -15,7 +15,7 @@ from .codec import BiCodecDecoder, load_decoder, resolve_bicodec_dir
 from .decode_worker import DecodeWorker
 from .errors import GatewayError, Overloaded
 from .llm import LLMClient
-from .routes import errors, info, speech_stream, websocket
+from .routes import errors, info, openai_speech, speech_stream, web, websocket
 from .settings import Settings
 from .synthesis import Synthesizer
 from .voices import VoiceCatalog
@@ -116,6 +116,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for module in (info, speech_stream, websocket):
+    for module in (info, speech_stream, websocket, openai_speech, web):
         app.include_router(module.router)
     return app

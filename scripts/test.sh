@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's one test command, on a fresh machine or an old checkout alike:
+#   bash scripts/test.sh [pytest args]
+# It sets up both virtual environments (idempotent): the gateway's in .venv/, and
+# the vLLM CPU build in .venv-vllm/ (the tests start the real vLLM OpenAI server
+# from it, through launch_vllm.sh), then runs ruff and the whole pytest suite.
+# TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) avoids PyPI's CUDA torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+torch_index=()
+if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+    torch_index=(--extra-index-url "$TORCH_INDEX_URL")
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned, so that our package's "torch>=2.4" is already satisfied.
+.venv/bin/python -m pip install -q "${torch_index[@]}" "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+
+bash scripts/setup_vllm_env.sh .venv-vllm
+
+echo "== ruff" >&2
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+echo "== pytest" >&2
+.venv/bin/python -m pytest "$@"
