@@ -28,7 +28,14 @@ def vllm_server(
     if problem:
         pytest.fail(problem, pytrace=False)
     log_path = tmp_path_factory.mktemp("vllm_logs") / "vllm.log"
-    server = VllmServer(tiny_lm_dir, log_path)
+    # --enable-log-requests: vLLM then logs "Aborted request(s) <id>", which the
+    # disconnect tests look for.
+    server = VllmServer(
+        tiny_lm_dir,
+        log_path,
+        max_model_len=2048,
+        extra_env={"EXTRA_VLLM_ARGS": "--enable-log-requests"},
+    )
     try:
         server.start()
     except VllmServerError as err:

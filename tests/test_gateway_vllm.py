@@ -1,0 +1,169 @@
+"""The gateway against the real vLLM OpenAI server (CPU build, tiny Spark-format LM).
+
+The tiny model writes a fixed chain of semantic tokens after
+``<|start_semantic_token|>``, so every byte count and even the audio itself are
+known in advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import requests
+import websockets
+from support import tiny_spark_lm as tiny
+from support.gateway_server import GOLDEN_BICODEC, GatewayServer
+
+from decoder_gateway.audio import to_pcm16
+from decoder_gateway.codec import load_decoder
+from decoder_gateway.voices import VoiceCatalog
+
+pytestmark = pytest.mark.vllm
+
+TOKENS_PER_SEGMENT = tiny.DEFAULT_SEMANTIC_LENGTH
+BYTES_PER_SEGMENT = TOKENS_PER_SEGMENT * 320 * 2
+THREE_SENTENCES = "Oli otya? Nze bulungi nnyo. Webale kunjogerako."
+
+
+@pytest.fixture(scope="module")
+def vllm_gateway(vllm_server, tmp_path_factory):
+    with GatewayServer(
+        vllm_server.base_url,
+        tmp_path_factory.mktemp("gw_vllm"),
+        MODEL_NAME=vllm_server.served_model_name,
+    ) as server:
+        yield server
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples (all label sets)."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", re.MULTILINE)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+def test_health_checks_vllm_and_token_ids(vllm_gateway):
+    response = requests.get(f"{vllm_gateway.url}/health", timeout=10)
+    assert response.status_code == 200, response.text
+
+
+def test_http_stream_bytes_match_the_tokens_vllm_wrote(vllm_gateway):
+    response = requests.post(
+        f"{vllm_gateway.url}/v1/audio/speech/stream",
+        json={"text": THREE_SENTENCES, "voice": "luganda_female", "temperature": 0.8},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == "16000"
+    assert len(response.content) == 3 * BYTES_PER_SEGMENT
+
+
+def test_audio_equals_offline_decode_of_vllm_tokens(vllm_server, tmp_path):
+    with GatewayServer(
+        vllm_server.base_url,
+        tmp_path,
+        MODEL_NAME=vllm_server.served_model_name,
+        STREAM_FIRST_LOOKAHEAD_TOKENS="67",
+    ) as gateway:
+        response = requests.post(
+            f"{gateway.url}/v1/audio/speech/stream",
+            json={"text": "Oli otya?", "speaker_id": 246},
+            timeout=120,
+        )
+    assert response.status_code == 200
+    voice = VoiceCatalog.load().resolve(speaker_id=246)
+    decoder = load_decoder(GOLDEN_BICODEC)
+    expected = np.frombuffer(
+        to_pcm16(decoder.decode(tiny.expected_semantic_values(), voice.global_tokens)), "<i2"
+    )
+    got = np.frombuffer(response.content, "<i2")
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+async def test_websocket_several_messages_in_order(vllm_gateway):
+    async with websockets.connect(f"{vllm_gateway.ws_url}/v1/audio/speech/stream/ws") as ws:
+        for segment_id, (text, sentences) in enumerate(
+            [("Oli otya? Nze bulungi.", 2), ("Habari yako?", 1)]
+        ):
+            await ws.send(
+                json.dumps(
+                    {
+                        "input": text,
+                        "voice": "swahili_male",
+                        "segment_id": segment_id,
+                        "continue": True,
+                    }
+                )
+            )
+            kinds, audio = [], 0
+            while True:
+                frame = await asyncio.wait_for(ws.recv(), timeout=120)
+                if isinstance(frame, bytes):
+                    kinds.append("audio")
+                    audio += len(frame)
+                    continue
+                message = json.loads(frame)
+                kinds.append(message["type"])
+                if message["type"] in ("end", "error"):
+                    break
+            assert kinds[0] == "start" and kinds[-1] == "end", kinds
+            assert set(kinds[1:-1]) == {"audio"} and len(kinds) > 3  # streamed in chunks
+            assert audio == sentences * BYTES_PER_SEGMENT
+            assert message["samples"] * 2 == audio
+        await ws.send(json.dumps({"input": "", "continue": False}))
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(ws.recv(), timeout=10)
+
+
+def test_concurrent_clients(vllm_gateway):
+    results: dict[int, requests.Response] = {}
+
+    def run(i: int) -> None:
+        results[i] = requests.post(
+            f"{vllm_gateway.url}/v1/audio/speech/stream",
+            json={"text": f"Ekigambo {i}. Ekirala.", "speaker_id": 241 + i},
+            timeout=180,
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for response in results.values():
+        assert response.status_code == 200
+        assert len(response.content) == 2 * BYTES_PER_SEGMENT
+
+
+def test_disconnect_aborts_the_request_in_vllm(vllm_gateway, vllm_server):
+    """vLLM's own log names our request as aborted, and its running count drops to zero."""
+    text = " ".join(f"Sentensi {i}." for i in range(10))
+    with httpx.Client(timeout=120) as client:
+        before = metric(
+            client.get(f"{vllm_server.url}/metrics").text, "vllm:generation_tokens_total"
+        )
+        with client.stream(
+            "POST", f"{vllm_gateway.url}/v1/audio/speech/stream", json={"text": text}
+        ) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            next(response.iter_bytes())  # first audio, then leave
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            metrics = client.get(f"{vllm_server.url}/metrics").text
+            log = vllm_server.log_path.read_text(errors="replace")
+            if metric(metrics, "vllm:num_requests_running") == 0 and request_id in log:
+                break
+            time.sleep(0.2)
+    aborted = re.findall(r"Aborted request\(s\) ([^\s]+)\.", log)
+    assert any(request_id in ids for ids in aborted), aborted
+    assert metric(metrics, "vllm:num_requests_running") == 0
+    generated = metric(metrics, "vllm:generation_tokens_total") - before
+    assert generated < 4 * (TOKENS_PER_SEGMENT + 1)  # 10 sentences were asked for
