@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
 from .app import create_app
+from .logs import configure
 from .settings import Settings
 
 
 def main() -> None:
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_config = configure(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        ws_max_size=1 << 20,
+        log_config=log_config,
+        # The protocol-level cap is generous: the route answers messages over
+        # WS_MAX_MESSAGE_BYTES with an error frame and keeps the connection.
+        ws_max_size=max(16 * settings.ws_max_message_bytes, 1 << 20),
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
     )
 
 

@@ -10,33 +10,20 @@ from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from .auth import APIKeyMiddleware
 from .codec import BiCodecDecoder, load_decoder, resolve_bicodec_dir
 from .decode_worker import DecodeWorker
-from .errors import GatewayError, Overloaded
+from .errors import GatewayError
 from .llm import LLMClient
+from .metrics import Metrics
 from .routes import errors, info, openai_speech, speech_stream, web, websocket
 from .settings import Settings
 from .synthesis import Synthesizer
 from .voices import VoiceCatalog
 
 logger = logging.getLogger(__name__)
-
-
-class StreamSlots:
-    """Counts active syntheses; refuses, never queues, past the limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def acquire(self) -> None:
-        if self.active >= self.limit:
-            raise Overloaded(f"the server is at its limit of {self.limit} concurrent streams")
-        self.active += 1
-
-    def release(self) -> None:
-        self.active -= 1
 
 
 @dataclass
@@ -49,7 +36,7 @@ class Gateway:
     decoder: BiCodecDecoder
     worker: DecodeWorker
     synthesizer: Synthesizer
-    slots: StreamSlots
+    metrics: Metrics
 
 
 def pick_device(setting: str) -> str:
@@ -75,18 +62,22 @@ async def build_gateway(settings: Settings) -> Gateway:
         pick_device(settings.decoder_device),
         getattr(torch, settings.decoder_dtype),
     )
+    metrics = Metrics()
     llm = LLMClient(
-        settings.llm_base_url, settings.llm_api_key, settings.model_name, settings.llm_timeout_s
+        settings.llm_base_url,
+        settings.llm_api_key,
+        settings.model_name,
+        settings.llm_timeout_s,
+        on_abort=metrics.upstream_aborts.inc,
     )
     try:
         await llm.check_token_map()
     except GatewayError as err:  # vLLM may still be starting: /health will retry
         logger.warning("token ids not checked yet: %s", err.message)
-    worker = DecodeWorker(decoder, settings.decoder_max_batch)
+    worker = DecodeWorker(decoder, settings.decoder_max_batch, metrics)
     worker.start()
-    synthesizer = Synthesizer(settings, llm, worker, voices)
-    slots = StreamSlots(settings.max_concurrent_streams)
-    return Gateway(settings, voices, llm, decoder, worker, synthesizer, slots)
+    synthesizer = Synthesizer(settings, llm, worker, voices, metrics)
+    return Gateway(settings, voices, llm, decoder, worker, synthesizer, metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -116,6 +107,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    if settings.gateway_api_key:
+        exempt = [p.strip() for p in settings.auth_exempt_paths.split(",") if p.strip()]
+        app.add_middleware(APIKeyMiddleware, api_key=settings.gateway_api_key, exempt_paths=exempt)
+    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels"],
+        )
     for module in (info, speech_stream, websocket, openai_speech, web):
         app.include_router(module.router)
     return app

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from .codec import BiCodecDecoder, Span
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +29,11 @@ class _Job:
 
 
 class DecodeWorker:
-    def __init__(self, decoder: BiCodecDecoder, max_batch: int = 16) -> None:
+    def __init__(
+        self, decoder: BiCodecDecoder, max_batch: int = 16, metrics: Metrics | None = None
+    ) -> None:
         self.decoder = decoder
+        self.metrics = metrics
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
@@ -68,6 +73,7 @@ class DecodeWorker:
             if not jobs:
                 continue
             spans = [span for job in jobs for span in job.spans]
+            started = time.perf_counter()
             try:
                 audio = await loop.run_in_executor(self._executor, self.decoder.decode_spans, spans)
             except Exception as err:  # a bad batch fails its streams, not the worker
@@ -78,6 +84,9 @@ class DecodeWorker:
                 continue
             self.batches += 1
             self.spans_decoded += len(spans)
+            if self.metrics is not None:
+                self.metrics.decoder_batch_size.observe(len(spans))
+                self.metrics.decoder_batch_seconds.observe(time.perf_counter() - started)
             offset = 0
             for job in jobs:
                 part = audio[offset : offset + len(job.spans)]

@@ -8,9 +8,10 @@ response, which makes vLLM abort the request and free its KV cache.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -76,8 +77,16 @@ def token_delta_from_ids(ids: list[int], token_map: TokenMap) -> TokenDelta:
 class LLMClient:
     """The gateway's one connection pool to vLLM."""
 
-    def __init__(self, base_url: str, api_key: str, model: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        model: str,
+        timeout_s: float = 30.0,
+        on_abort: Callable[[], None] | None = None,
+    ) -> None:
         self.model = model
+        self.on_abort = on_abort  # called when a stream is closed before vLLM finished it
         self.base_url = base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
         self.token_map = TokenMap()
@@ -178,6 +187,7 @@ class LLMClient:
 
         parser = SparkTextParser()
         finish_reason = None
+        completed = False
         try:
             async with stream:  # leaving it closes the response: vLLM aborts the request
                 async for chunk in stream:
@@ -190,6 +200,13 @@ class LLMClient:
                         if delta.semantic or delta.global_tokens:
                             yield delta
                         finish_reason = choice.finish_reason or finish_reason
+                completed = True
+        except (GeneratorExit, asyncio.CancelledError):
+            # Closed by us mid-stream (client gone, error elsewhere): closing the
+            # response above made vLLM abort the request.
+            if not completed and self.on_abort is not None:
+                self.on_abort()
+            raise
         except (openai.APIConnectionError, httpx.HTTPError) as err:  # dropped, reset, timed out
             raise UpstreamError(
                 f"the connection to vLLM broke off mid-stream ({type(err).__name__})"

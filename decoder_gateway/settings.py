@@ -56,3 +56,23 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     max_concurrent_streams: int = Field(64, ge=1)
     segment_lookahead: int = Field(2, ge=1, description="segments generated ahead of playback")
+
+    # Backpressure: audio chunks buffered per segment for a client that reads slowly,
+    # and how long a client may take no audio before its request is cut off
+    stream_buffer_chunks: int = Field(8, ge=1)
+    slow_client_timeout_s: float = Field(60.0, gt=0)
+
+    # Security
+    gateway_api_key: str | None = None  # unset: no authentication
+    auth_exempt_paths: str = "/health,/metrics"  # comma-separated, open without a key
+    cors_allow_origins: str = ""  # comma-separated origins, "*" for any; empty: no CORS
+
+    # WebSocket sessions
+    ws_max_message_bytes: int = Field(65536, ge=1024)
+    ws_max_queued_messages: int = Field(8, ge=1, description="messages waiting per connection")
+    ws_idle_timeout_s: float = Field(600.0, gt=0, description="close after no message this long")
+    ws_ping_interval_s: float = Field(20.0, gt=0)
+    ws_ping_timeout_s: float = Field(20.0, gt=0)
+    ws_auth_timeout_s: float = Field(10.0, gt=0, description="wait for a first auth message")
+
+    log_format: Literal["text", "json"] = "text"

@@ -13,7 +13,10 @@ segment task, and each closes its upstream stream, so vLLM aborts the requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,8 +25,9 @@ import torch
 
 from .codec import StreamingConfig, StreamingSession
 from .decode_worker import DecodeWorker
-from .errors import InvalidRequest, NoAudioGenerated, UpstreamError
+from .errors import GatewayError, InvalidRequest, NoAudioGenerated, Overloaded, UpstreamError
 from .llm import LLMClient, SamplingParams
+from .metrics import Metrics
 from .prompt import speaker_prompt
 from .settings import Settings
 from .text import normalize_text, split_segments
@@ -32,6 +36,34 @@ from .voices import GLOBAL_TOKEN_COUNT, Voice, VoiceCatalog
 logger = logging.getLogger(__name__)
 
 _END = object()  # closes a segment's audio queue
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def new_request_id(client_value: str | None = None) -> str:
+    """The client's own id (X-Request-Id) when it is short and plain, else a fresh one."""
+    if client_value and _REQUEST_ID.fullmatch(client_value):
+        return client_value
+    return uuid.uuid4().hex
+
+
+class SlowClient(GatewayError):
+    status, code = 408, "client_too_slow"
+
+
+class StreamSlots:
+    """Counts active syntheses; refuses, never queues, past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> None:
+        if self.active >= self.limit:
+            raise Overloaded(f"the server is at its limit of {self.limit} concurrent streams")
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
 
 
 @dataclass(frozen=True)
@@ -42,24 +74,36 @@ class SpeechJob:
     voice: Voice
     temperature: float
     max_tokens: int
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_request_id)
+    accepted_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
-class _SharedVoice:
-    """Global tokens of a request's voice; pinned by segment 0 when the voice has none."""
+class _RequestState:
+    """What the segment tasks of one request share."""
 
-    tokens: asyncio.Future[list[int]]
+    # Global tokens of the voice; pinned by segment 0 when the voice has none.
+    voice_tokens: asyncio.Future[list[int]]
+    # When the consumer last took audio: a producer blocked on a full queue for longer
+    # than the slow-client timeout since then cuts the request off.
+    last_pull: float = field(default_factory=time.monotonic)
 
 
 class Synthesizer:
     def __init__(
-        self, settings: Settings, llm: LLMClient, worker: DecodeWorker, voices: VoiceCatalog
+        self,
+        settings: Settings,
+        llm: LLMClient,
+        worker: DecodeWorker,
+        voices: VoiceCatalog,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.llm = llm
         self.worker = worker
         self.voices = voices
+        self.metrics = metrics
+        self.slots = StreamSlots(settings.max_concurrent_streams)
         self.sample_rate = worker.decoder.sample_rate
         self.streaming = StreamingConfig(
             first_chunk_tokens=settings.stream_first_chunk_tokens,
@@ -75,6 +119,7 @@ class Synthesizer:
         speaker_id: int | None = None,
         temperature: float = 0.7,
         max_tokens: int = 2048,
+        request_id: str | None = None,
     ) -> SpeechJob:
         """Validate a request; raises InvalidRequest / VoiceNotFound with a clear message."""
         limit = self.settings.max_text_chars
@@ -89,17 +134,78 @@ class Synthesizer:
             raise InvalidRequest(
                 f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}"
             )
-        return SpeechJob(text, self.voices.resolve(voice, speaker_id), temperature, max_tokens)
+        voice_entry = self.voices.resolve(voice, speaker_id)
+        return SpeechJob(text, voice_entry, temperature, max_tokens, new_request_id(request_id))
 
-    async def stream(self, job: SpeechJob) -> AsyncIterator[torch.Tensor]:
-        """Float32 audio chunks at ``sample_rate``, in order; raises GatewayError on failure."""
+    async def stream(self, job: SpeechJob, endpoint: str = "stream") -> AsyncIterator[torch.Tensor]:
+        """Float32 audio chunks at ``sample_rate``, in order; raises GatewayError on failure.
+
+        Takes a stream slot (Overloaded past the limit) and accounts for the request in
+        the metrics and the log, whatever way it ends.
+        """
+        try:
+            self.slots.acquire()
+        except Overloaded:
+            self.metrics.requests.labels(endpoint, "rejected").inc()
+            raise
+        metrics = self.metrics
+        metrics.active_streams.inc()
+        samples, outcome = 0, "client_disconnected"
+        log = {"request_id": job.request_id, "endpoint": endpoint}
+        logger.info(
+            "request %s: %s, voice %s, %d characters",
+            job.request_id,
+            endpoint,
+            job.voice.id,
+            len(job.text),
+            extra=log,
+        )
+        try:
+            async for chunk in self._stream_segments(job):
+                if samples == 0:
+                    metrics.time_to_first_audio.labels(endpoint).observe(
+                        time.monotonic() - job.accepted_at
+                    )
+                samples += chunk.shape[0]
+                yield chunk
+            outcome = "completed"
+        except GatewayError as err:
+            outcome = "error"
+            logger.warning("request %s failed: %s", job.request_id, err.message, extra=log)
+            raise
+        except Exception:
+            outcome = "error"
+            logger.exception("request %s failed", job.request_id, extra=log)
+            raise
+        finally:
+            self.slots.release()
+            metrics.active_streams.dec()
+            metrics.requests.labels(endpoint, outcome).inc()
+            seconds = samples / self.sample_rate
+            metrics.audio_seconds.labels(endpoint).inc(seconds)
+            wall = time.monotonic() - job.accepted_at
+            if outcome == "completed" and seconds > 0:
+                metrics.real_time_factor.labels(endpoint).observe(wall / seconds)
+            if outcome == "client_disconnected":
+                metrics.client_disconnects.labels(endpoint).inc()
+            logger.info(
+                "request %s: %s, %.2f s of audio in %.2f s",
+                job.request_id,
+                outcome,
+                seconds,
+                wall,
+                extra={**log, "outcome": outcome},
+            )
+
+    async def _stream_segments(self, job: SpeechJob) -> AsyncIterator[torch.Tensor]:
         segments = split_segments(job.text, max_chars=self.settings.max_segment_chars)
         if not segments:
             raise InvalidRequest("text has nothing to speak")
-        shared = _SharedVoice(asyncio.get_running_loop().create_future())
+        state = _RequestState(asyncio.get_running_loop().create_future())
         if job.voice.global_tokens is not None:
-            shared.tokens.set_result(job.voice.global_tokens)
-        queues: list[asyncio.Queue[object]] = [asyncio.Queue() for _ in segments]
+            state.voice_tokens.set_result(job.voice.global_tokens)
+        buffer = self.settings.stream_buffer_chunks
+        queues: list[asyncio.Queue[object]] = [asyncio.Queue(buffer) for _ in segments]
         tasks: list[asyncio.Task[None]] = []
         try:
             for index in range(len(segments)):
@@ -109,41 +215,62 @@ class Synthesizer:
                     i = len(tasks)
                     tasks.append(
                         asyncio.create_task(
-                            self._run_segment(job, i, segments[i], shared, queues[i]),
+                            self._run_segment(job, i, segments[i], state, queues[i]),
                             name=f"segment-{job.request_id}-{i}",
                         )
                     )
                 while (item := await queues[index].get()) is not _END:
                     if isinstance(item, BaseException):
                         raise item
+                    state.last_pull = time.monotonic()
                     yield item  # type: ignore[misc]
+                state.last_pull = time.monotonic()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if not shared.tokens.done():
-                shared.tokens.cancel()
+            if not state.voice_tokens.done():
+                state.voice_tokens.cancel()
 
     async def _run_segment(
         self,
         job: SpeechJob,
         index: int,
         text: str,
-        shared: _SharedVoice,
+        state: _RequestState,
         queue: asyncio.Queue[object],
     ) -> None:
         try:
             # Segments after the first wait for the voice that segment 0 pins.
-            pinned = job.voice.global_tokens if index == 0 else await shared.tokens
-            await self._generate_segment(job, index, text, pinned, shared, queue)
-            queue.put_nowait(_END)
+            pinned = job.voice.global_tokens if index == 0 else await state.voice_tokens
+            await self._generate_segment(job, index, text, pinned, state, queue)
+            await self._put(queue, _END, state)
         except asyncio.CancelledError:
             raise
         except Exception as err:
-            if index == 0 and not shared.tokens.done():
-                shared.tokens.set_exception(err)
-                shared.tokens.exception()  # retrieved: later segments re-raise it themselves
+            if isinstance(err, GatewayError) and err.status >= 500:
+                self.metrics.upstream_errors.labels(err.code).inc()
+            if index == 0 and not state.voice_tokens.done():
+                state.voice_tokens.set_exception(err)
+                state.voice_tokens.exception()  # retrieved: later segments re-raise it themselves
+            while not queue.empty():  # make room: the error goes before anything buffered
+                queue.get_nowait()
             queue.put_nowait(err)
+
+    async def _put(self, queue: asyncio.Queue[object], item: object, state: _RequestState) -> None:
+        """Queue audio for the consumer; a consumer that stops taking it is cut off."""
+        timeout = self.settings.slow_client_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(queue.put(item), timeout=timeout)
+                return
+            except TimeoutError:
+                # A later segment waits while an earlier one plays: only a consumer that
+                # has taken nothing for the whole timeout is too slow.
+                if time.monotonic() - state.last_pull >= timeout:
+                    raise SlowClient(
+                        f"the client took no audio for {timeout:.0f} s; request cut off"
+                    ) from None
 
     async def _generate_segment(
         self,
@@ -151,7 +278,7 @@ class Synthesizer:
         index: int,
         text: str,
         pinned: list[int] | None,
-        shared: _SharedVoice,
+        state: _RequestState,
         queue: asyncio.Queue[object],
     ) -> None:
         prompt = speaker_prompt(job.voice, text, pinned)
@@ -166,33 +293,48 @@ class Synthesizer:
         session = None if pinned is None else StreamingSession(decoder, pinned, self.streaming)
         written_globals: list[int] = []
         request_id = f"{job.request_id}-{index}"
-        async for delta in self.llm.stream_tokens(prompt, sampling, request_id=request_id):
-            if session is None:
-                written_globals += delta.global_tokens
-                if not delta.semantic:
-                    continue
-                session = StreamingSession(decoder, _check_globals(written_globals), self.streaming)
-                if not shared.tokens.done():
-                    shared.tokens.set_result(written_globals)
-            if delta.semantic:
-                session.push(delta.semantic)
-                await self._decode_ready(session, queue)
+        first_token_at = last_token_at = 0.0
+        # aclosing: whatever ends this loop (cancel, our own error) closes the upstream
+        # stream now, not when the generator is garbage-collected.
+        tokens = self.llm.stream_tokens(prompt, sampling, request_id=request_id)
+        async with contextlib.aclosing(tokens):
+            async for delta in tokens:
+                if session is None:
+                    written_globals += delta.global_tokens
+                    if not delta.semantic:
+                        continue
+                    session = StreamingSession(
+                        decoder, _check_globals(written_globals), self.streaming
+                    )
+                    if not state.voice_tokens.done():
+                        state.voice_tokens.set_result(written_globals)
+                if delta.semantic:
+                    last_token_at = time.monotonic()
+                    first_token_at = first_token_at or last_token_at
+                    self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
+                    session.push(delta.semantic)
+                    await self._decode_ready(session, queue, state)
         if session is None or session.num_tokens == 0:
             if written_globals:
                 _check_globals(written_globals)
             raise NoAudioGenerated(
                 f"the model wrote no speech tokens for segment {index + 1} ({text[:60]!r})"
             )
+        if session.num_tokens > 1 and last_token_at > first_token_at:
+            rate = (session.num_tokens - 1) / (last_token_at - first_token_at)
+            self.metrics.llm_tokens_per_second.observe(rate)
         session.finish()
-        await self._decode_ready(session, queue)
+        await self._decode_ready(session, queue, state)
 
-    async def _decode_ready(self, session: StreamingSession, queue: asyncio.Queue[object]) -> None:
+    async def _decode_ready(
+        self, session: StreamingSession, queue: asyncio.Queue[object], state: _RequestState
+    ) -> None:
         chunks = session.plan()
         if not chunks:
             return
         audio = await self.worker.decode([chunk.span for chunk in chunks])
         for chunk, samples in zip(chunks, audio, strict=True):
-            queue.put_nowait(session.complete(chunk, samples))
+            await self._put(queue, session.complete(chunk, samples), state)
 
     @staticmethod
     def _token_budget(text: str, writes_globals: bool) -> int:

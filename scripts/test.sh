@@ -3,7 +3,8 @@
 #   bash scripts/test.sh [pytest args]
 # It sets up both virtual environments (idempotent): the gateway's in .venv/, and
 # the vLLM CPU build in .venv-vllm/ (the tests start the real vLLM OpenAI server
-# from it, through launch_vllm.sh), then runs ruff and the whole pytest suite.
+# from it, through launch_vllm.sh), and Debian's Chromium for the web page test,
+# then runs ruff and the whole pytest suite.
 # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) avoids PyPI's CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,17 @@ fi
 .venv/bin/python -m pip install -q -e ".[test]"
 
 bash scripts/setup_vllm_env.sh .venv-vllm
+
+# Headless Chromium for tests/test_web.py: Playwright drives the system browser
+# (`playwright install` downloads its own and is never run).
+if [[ ! -x /usr/bin/chromium ]]; then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "tests/test_web.py needs Debian's chromium: sudo apt-get install chromium" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
 
 echo "== ruff" >&2
 .venv/bin/ruff check .

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..errors import GatewayError
 from ..protocol import PCM_HEADERS, VoiceInfo, VoiceList
@@ -34,6 +34,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(
         {"status": "ok", "decoder_device": str(gateway.decoder.device), "model": gateway.llm.model}
     )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    registry = request.app.state.gateway.metrics
+    return Response(registry.render(), media_type=registry.content_type)
 
 
 @router.get("/")

@@ -1,7 +1,256 @@
-"""Placeholder router; filled in by the OpenAI-compatible / web page work."""
+"""OpenAI's speech API: POST /v1/audio/speech, GET /v1/models, /v1/audio/voices, /v1/audio/models.
+
+Drop-in for clients of OpenAI's ``client.audio.speech.create`` (and Open WebUI):
+
+* ``model`` is accepted and not checked: one model is served, listed by
+  ``GET /v1/models`` under its vLLM name and the aliases ``tts-1`` / ``tts-1-hd``;
+* ``voice`` is one of our voice ids (or ``{"id": ...}``); OpenAI's built-in names
+  (``alloy`` ...) speak with the default voice, unless a voice has that id; any
+  other name is a 400 that lists the valid ones;
+* ``input`` is 1 .. 4096 characters, as OpenAI's; ``instructions`` is ignored;
+* every ``response_format`` streams while it is generated (see ``encoders``), at
+  24 kHz unless ``sample_rate`` says otherwise; ``speed`` changes tempo, not pitch;
+* ``stream_format: sse`` sends ``speech.audio.delta`` events (base64 of the file's
+  next bytes) and a final ``speech.audio.done`` with usage; a failure after the
+  first event sends an ``error`` event (OpenAI's error object) and no ``done``.
+
+Errors before the first audio are HTTP errors in OpenAI's shape, with ``param``
+naming the field at fault. A failure after the first byte of a plain audio
+response aborts it (the chunked body ends without its terminator), as on
+``/v1/audio/speech/stream``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator
 
-router = APIRouter()
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..encoders import DEFAULT_SAMPLE_RATE, FORMATS, AudioPipeline
+from ..errors import GatewayError, InvalidRequest, VoiceNotFound
+from ..protocol import (
+    AudioModelList,
+    AudioVoiceInfo,
+    AudioVoiceList,
+    ErrorDetail,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAISpeechRequest,
+    SpeechAudioDelta,
+    SpeechAudioDone,
+    SpeechStreamError,
+    SpeechUsage,
+)
+from ..voices import Voice, VoiceCatalog
+from .errors import error_response
+
+router = APIRouter(tags=["OpenAI compatible"])
+logger = logging.getLogger(__name__)
+
+MODEL_ALIASES = ("tts-1", "tts-1-hd")
+OPENAI_VOICES = frozenset(
+    {
+        "alloy",
+        "ash",
+        "ballad",
+        "coral",
+        "echo",
+        "fable",
+        "nova",
+        "onyx",
+        "sage",
+        "shimmer",
+        "verse",
+        "marin",
+        "cedar",
+    }
+)
+_STARTED = int(time.time())
+_ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "Invalid request; `param` names the field"},
+    429: {"model": ErrorResponse, "description": "Too many concurrent streams"},
+    502: {"model": ErrorResponse, "description": "The LLM failed or wrote no speech"},
+    503: {"model": ErrorResponse, "description": "The LLM is unreachable or not ready"},
+}
+
+
+def resolve_voice(voices: VoiceCatalog, name: str | None) -> Voice:
+    """Our voice by id; OpenAI's built-in names -> the default voice; else VoiceNotFound."""
+    if name and name not in voices.ids and name.lower() in OPENAI_VOICES:
+        return voices.resolve(None)
+    try:
+        return voices.resolve(name)
+    except VoiceNotFound as err:
+        raise VoiceNotFound(
+            f"{err.message}; OpenAI's voice names ({', '.join(sorted(OPENAI_VOICES))}) "
+            f"speak with the default voice, {voices.default_voice}"
+        ) from None
+
+
+def _models(request: Request) -> list[ModelCard]:
+    name = request.app.state.gateway.llm.model
+    ids = [name, *(alias for alias in MODEL_ALIASES if alias != name)]
+    return [ModelCard(id=model_id, created=_STARTED) for model_id in ids]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    """The one model served: its vLLM name, and the aliases ``tts-1`` and ``tts-1-hd``."""
+    return ModelList(data=_models(request))
+
+
+@router.get("/v1/audio/models")
+async def list_audio_models(request: Request) -> AudioModelList:
+    """The models of ``GET /v1/models`` as ``{"models": [...]}`` (what Open WebUI reads)."""
+    return AudioModelList(models=_models(request))
+
+
+@router.get("/v1/audio/voices")
+async def list_audio_voices(request: Request) -> AudioVoiceList:
+    """The voices, with display names (``voices[].id`` / ``.name``, as Open WebUI reads)."""
+    voices: VoiceCatalog = request.app.state.gateway.voices
+    return AudioVoiceList(
+        voices=[
+            AudioVoiceInfo(
+                id=v.id,
+                name=_display_name(v),
+                speaker_id=v.speaker_id,
+                language=v.language,
+                gender=v.gender,
+            )
+            for v in voices
+        ],
+        default_voice=voices.default_voice,
+    )
+
+
+def _display_name(voice: Voice) -> str:
+    if not voice.language:
+        return voice.id
+    return f"{voice.language} ({voice.gender})" if voice.gender else voice.language
+
+
+@router.post(
+    "/v1/audio/speech",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The audio file, streamed as it is generated; or server-sent "
+            "events with stream_format=sse",
+            "content": {
+                **{fmt.content_type: {} for fmt in FORMATS.values()},
+                "text/event-stream": {},
+            },
+        },
+        **_ERROR_RESPONSES,
+    },
+)
+async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response:
+    """OpenAI's speech endpoint. ``instructions`` is accepted and ignored; ``model`` is
+    not checked (one model is served); ``sample_rate`` and ``temperature`` are extensions."""
+    gateway = request.app.state.gateway
+    fmt = FORMATS[body.response_format]
+    rate = body.sample_rate or DEFAULT_SAMPLE_RATE
+    if rate not in fmt.sample_rates:
+        return error_response(
+            400,
+            f"sample_rate {rate} is not available for {fmt.name}; use one of "
+            f"{', '.join(map(str, fmt.sample_rates))}",
+            "invalid_request",
+            "sample_rate",
+        )
+    try:
+        voice = resolve_voice(gateway.voices, body.voice)
+    except VoiceNotFound as err:
+        return error_response(err.status, err.message, err.code, "voice")
+    synthesizer = gateway.synthesizer
+    try:
+        job = synthesizer.prepare(
+            body.input,
+            voice.id,
+            temperature=body.temperature,
+            request_id=request.headers.get("x-request-id"),
+        )
+    except InvalidRequest as err:  # the text: empty once normalized, or over MAX_TEXT_CHARS
+        return error_response(err.status, err.message, err.code, "input")
+
+    # The stream takes a slot (429 past the limit) and logs / counts how it ends.
+    audio = synthesizer.stream(job, endpoint="openai")
+    try:
+        first = await anext(audio)
+        pipeline = AudioPipeline(fmt.name, synthesizer.sample_rate, rate, body.speed)
+    except BaseException:
+        await audio.aclose()
+        raise
+
+    async def encoded() -> AsyncIterator[bytes]:
+        """The file's bytes, chunk by chunk; encoding runs in a worker thread."""
+        try:
+            data = await asyncio.to_thread(pipeline.push, first)
+            if data:
+                yield data
+            async for chunk in audio:
+                data = await asyncio.to_thread(pipeline.push, chunk)
+                if data:
+                    yield data
+            data = await asyncio.to_thread(pipeline.finish)
+            if data:
+                yield data
+        except GatewayError:
+            raise  # the synthesizer has logged it
+        except Exception:
+            logger.exception("request %s: %s encoding failed", job.request_id, fmt.name)
+            raise
+        finally:
+            pipeline.close()
+            await audio.aclose()
+
+    headers = {
+        "X-Request-Id": job.request_id,
+        "X-Sample-Rate": str(rate),
+        "X-Channels": "1",
+        "Cache-Control": "no-cache",
+    }
+    if fmt.name in ("pcm", "wav"):
+        headers["X-Bit-Depth"] = "16"
+    if body.stream_format == "audio":
+        return StreamingResponse(encoded(), media_type=fmt.content_type, headers=headers)
+
+    hop = gateway.decoder.hop_length
+
+    async def events() -> AsyncIterator[str]:
+        stream = encoded()
+        try:
+            async for data in stream:
+                delta = SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))
+                yield _sse(delta.model_dump_json())
+        except GatewayError as err:
+            detail = ErrorDetail(
+                message=err.message,
+                type="invalid_request_error" if err.status < 500 else "server_error",
+                code=err.code,
+            )
+            yield _sse(SpeechStreamError(error=detail).model_dump_json())
+            return
+        finally:
+            await stream.aclose()
+        tokens = pipeline.samples_in // hop
+        usage = SpeechUsage(
+            input_tokens=len(body.input),
+            output_tokens=tokens,
+            total_tokens=len(body.input) + tokens,
+        )
+        yield _sse(SpeechAudioDone(usage=usage).model_dump_json())
+
+    headers["X-Accel-Buffering"] = "no"  # nginx: pass events on at once
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _sse(data: str) -> str:
+    return f"data: {data}\n\n"

@@ -8,7 +8,7 @@ transfer rather than a short, clean file.
 
 from __future__ import annotations
 
-import logging
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -17,7 +17,6 @@ from ..audio import to_pcm16
 from ..protocol import PCM_HEADERS, SpeechStreamRequest
 
 router = APIRouter()
-logger = logging.getLogger(__name__)
 
 
 @router.post(
@@ -26,30 +25,29 @@ logger = logging.getLogger(__name__)
     responses={200: {"content": {"audio/pcm": {}}, "description": "PCM16 LE, 16 kHz, mono"}},
 )
 async def speech_stream(body: SpeechStreamRequest, request: Request) -> StreamingResponse:
-    gateway = request.app.state.gateway
-    job = gateway.synthesizer.prepare(
-        body.text, body.voice, body.speaker_id, body.temperature, body.max_tokens
+    synthesizer = request.app.state.gateway.synthesizer
+    job = synthesizer.prepare(
+        body.text,
+        body.voice,
+        body.speaker_id,
+        body.temperature,
+        body.max_tokens,
+        request_id=request.headers.get("x-request-id"),
     )
-    gateway.slots.acquire()
-    audio = gateway.synthesizer.stream(job)
+    audio = synthesizer.stream(job, endpoint="stream")
     try:
         first = await anext(audio)
     except BaseException:
         await audio.aclose()
-        gateway.slots.release()
         raise
 
-    async def pcm() -> object:
+    async def pcm() -> AsyncIterator[bytes]:
         try:
             yield to_pcm16(first)
             async for chunk in audio:
                 yield to_pcm16(chunk)
-        except Exception as err:
-            logger.error("request %s failed mid-stream: %s", job.request_id, err)
-            raise
         finally:
             await audio.aclose()
-            gateway.slots.release()
 
     headers = {**PCM_HEADERS, "X-Request-Id": job.request_id}
     return StreamingResponse(pcm(), media_type="audio/pcm", headers=headers)

@@ -57,9 +57,10 @@ class GatewayServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited at start:\n{self.log_tail()}")
             try:
-                # /v1/voices answers once the lifespan (decoder load) is done.
-                if httpx.get(f"{self.url}/v1/voices", timeout=1.0).status_code == 200:
-                    return self
+                # The port opens once the lifespan (decoder load) is done: any answer
+                # means up (/health is 503 while the LLM is away, others may want a key).
+                httpx.get(f"{self.url}/health", timeout=1.0)
+                return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
