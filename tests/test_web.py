@@ -208,3 +208,21 @@ def test_stop_ends_the_stream(page, llm):
     expect(status(page)).to_have_attribute("data-state", "stopped")
     expect(stop).to_be_disabled()
     expect(page.get_by_role("alert")).to_be_hidden()
+
+
+def test_page_with_an_api_key(browser: Browser, make_gateway, llm):
+    """With GATEWAY_API_KEY the page itself loads; the voices and the WebSocket need
+    the key typed into the page (a Bearer header, then the WebSocket auth message)."""
+    gateway = make_gateway(GATEWAY_API_KEY="page-key")
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{gateway.url}/web")
+    expect(page.get_by_role("alert")).to_contain_text("API key", timeout=TIMEOUT_MS)
+    expect(page.get_by_role("button", name="Speak")).to_be_disabled()
+    page.get_by_label("API key").fill("page-key")
+    page.get_by_label("API key").dispatch_event("change")
+    expect(page.get_by_role("button", name="Speak")).to_be_enabled(timeout=TIMEOUT_MS)
+    speak(page, "Oli otya?")
+    expect(status(page)).to_have_attribute("data-state", "done", timeout=TIMEOUT_MS)
+    assert int(status(page).get_attribute("data-received-samples")) > 0
+    context.close()

@@ -27,7 +27,18 @@ const ui = {
   ttfa: document.getElementById("ttfa"),
   rtf: document.getElementById("rtf"),
   received: document.getElementById("received"),
+  apiKey: document.getElementById("api-key"),
 };
+
+// With GATEWAY_API_KEY set, fetches carry it as a Bearer token and the WebSocket
+// sends it as its first message (browsers cannot set WebSocket headers).
+function apiKey() {
+  return ui.apiKey.value.trim();
+}
+
+function authHeaders() {
+  return apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {};
+}
 
 // Endpoints relative to the page (served at <base>/web), so a path prefix still works.
 function apiUrl(path) {
@@ -193,6 +204,7 @@ class Synthesis {
   }
 
   onOpen() {
+    if (apiKey()) this.socket.send(JSON.stringify({ type: "auth", api_key: apiKey() }));
     this.socket.send(JSON.stringify({ ...this.request, segment_id: 1, continue: true }));
     setStatus("connecting", "Waiting for the first audio…");
   }
@@ -333,8 +345,8 @@ async function errorMessageOf(response) {
 async function loadVoices() {
   try {
     const [voicesResponse, info] = await Promise.all([
-      fetch(apiUrl("v1/voices")),
-      fetch(apiUrl("."))
+      fetch(apiUrl("v1/voices"), { headers: authHeaders() }),
+      fetch(apiUrl("."), { headers: authHeaders() })
         .then((response) => (response.ok ? response.json() : null))
         .catch(() => null),
     ]);
@@ -366,6 +378,10 @@ ui.form.addEventListener("submit", (event) => {
     showError("Could not start audio", error.message);
     setStatus("error", "Failed.");
   });
+});
+ui.apiKey.addEventListener("change", () => {
+  ui.error.hidden = true;
+  loadVoices();
 });
 ui.stop.addEventListener("click", () => current?.cancel());
 ui.download.addEventListener("click", saveDownload);
