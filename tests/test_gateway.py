@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -431,18 +430,17 @@ async def test_ws_disconnect_aborts_the_upstream_request(gateway, llm):
 
 
 def test_first_audio_arrives_before_the_sentence_is_generated(gateway, llm):
-    """Audio flows after the first few tokens, not after the whole sentence."""
-    llm.control(tokens_per_s=100)  # 80 tokens of speech take 0.8 s to write
+    """Audio flows after the first few tokens, not after the whole sentence: when the
+    first bytes arrive, the LLM is still writing that sentence (no timing involved)."""
+    llm.control(tokens_per_s=50)  # 80 tokens of speech take 1.6 s to write
     text = "Oli otya leero mukwano gwange wange nnyo?"
-    started = time.monotonic()
     with httpx.Client(timeout=30) as client:
         with client.stream(
             "POST", f"{gateway.url}/v1/audio/speech/stream", json={"text": text}
         ) as response:
             chunks = response.iter_bytes()
             next(chunks)
-            first_audio = time.monotonic() - started
+            stats = llm.stats()
             rest = b"".join(chunks)
-    total = time.monotonic() - started
+    assert stats["running"] == 1 and stats["completed"] == 0, stats
     assert len(rest) > 0
-    assert first_audio < total / 2, (first_audio, total)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 
 import av
 import httpx
@@ -247,19 +246,18 @@ def test_sse_mid_stream_failure_is_an_error_event(gateway, llm):
 
 @pytest.mark.parametrize("response_format", list(CONTENT_TYPES))
 def test_audio_arrives_while_it_is_generated(gateway, llm, response_format):
-    llm.control(tokens_per_s=100)  # 90 tokens of speech take 0.9 s to write
+    """The first bytes come while the LLM is still writing the sentence (no timing)."""
+    llm.control(tokens_per_s=50)  # 90 tokens of speech take 1.8 s to write
     body = {"model": "tts-1", "input": LONG_SENTENCE, "response_format": response_format}
-    started = time.monotonic()
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{gateway.url}/v1/audio/speech", json=body) as response:
             assert response.status_code == 200
             chunks = response.iter_bytes()
             next(chunks)
-            first_audio = time.monotonic() - started
+            stats = llm.stats()
             rest = b"".join(chunks)
-    total = time.monotonic() - started
+    assert stats["running"] == 1 and stats["completed"] == 0, stats
     assert len(rest) > 0
-    assert first_audio < total / 2, (first_audio, total)
 
 
 def test_mid_stream_failure_breaks_the_audio_response(gateway, llm):

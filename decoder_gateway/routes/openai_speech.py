@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from ..encoders import DEFAULT_SAMPLE_RATE, FORMATS, AudioPipeline
 from ..errors import GatewayError, InvalidRequest, VoiceNotFound
@@ -224,19 +225,19 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
 
     hop = gateway.decoder.hop_length
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[dict[str, str]]:
         stream = encoded()
         try:
             async for data in stream:
                 delta = SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))
-                yield _sse(delta.model_dump_json())
+                yield {"data": delta.model_dump_json()}
         except GatewayError as err:
             detail = ErrorDetail(
                 message=err.message,
                 type="invalid_request_error" if err.status < 500 else "server_error",
                 code=err.code,
             )
-            yield _sse(SpeechStreamError(error=detail).model_dump_json())
+            yield {"data": SpeechStreamError(error=detail).model_dump_json()}
             return
         finally:
             await stream.aclose()
@@ -246,11 +247,8 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
             output_tokens=tokens,
             total_tokens=len(body.input) + tokens,
         )
-        yield _sse(SpeechAudioDone(usage=usage).model_dump_json())
+        yield {"data": SpeechAudioDone(usage=usage).model_dump_json()}
 
-    headers["X-Accel-Buffering"] = "no"  # nginx: pass events on at once
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-def _sse(data: str) -> str:
-    return f"data: {data}\n\n"
+    # sse-starlette frames the events, sets X-Accel-Buffering: no (proxies pass events
+    # on at once) and ends the stream when the client goes away.
+    return EventSourceResponse(events(), headers=headers, sep="\n")
