@@ -49,6 +49,8 @@ def pick_device(setting: str) -> str:
 
 async def build_gateway(settings: Settings) -> Gateway:
     voices = VoiceCatalog.load(settings.voices_file)
+    if settings.decoder_threads:  # CPU decoding on shared cores: fewer threads can be faster
+        torch.set_num_threads(settings.decoder_threads)
     folder = await asyncio.to_thread(
         resolve_bicodec_dir,
         settings.bicodec_dir,

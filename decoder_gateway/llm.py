@@ -9,6 +9,7 @@ response, which makes vLLM abort the request and free its KV cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,17 @@ from .prompt import TokenMap
 logger = logging.getLogger(__name__)
 
 _SPARK_TOKEN = re.compile(r"<\|bicodec_(semantic|global)_(\d+)\|>")
+_ANY_SPECIAL = re.compile(r"<\|[^|<>]+\|>")
+
+
+def prompt_token_bound(prompt: str) -> int:
+    """An upper bound on the prompt's length in tokens, without a round trip.
+
+    Each ``<|...|>`` is one added token; byte-level BPE never makes more tokens of
+    the rest than it has UTF-8 bytes.
+    """
+    specials = len(_ANY_SPECIAL.findall(prompt))
+    return specials + len(_ANY_SPECIAL.sub("", prompt).encode())
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class LLMClient:
         self.root_url = self.base_url.removesuffix("/v1")
         self.token_map = TokenMap()
         self.token_map_checked = False
+        self.max_model_len: int | None = None  # vLLM's context length, from /tokenize
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0))
         # The openai client insists on a key; vLLM without --api-key ignores it.
         self.client = AsyncOpenAI(
@@ -117,7 +130,7 @@ class LLMClient:
         return None
 
     async def check_token_map(self) -> TokenMap:
-        """Read the Spark token ids off vLLM's tokenizer (``POST /tokenize``)."""
+        """Read the Spark token ids (and the context length) off vLLM's ``POST /tokenize``."""
         names = [
             "<|bicodec_global_0|>",
             "<|bicodec_semantic_0|>",
@@ -131,7 +144,9 @@ class LLMClient:
                 json={"model": self.model, "prompt": "".join(names), "add_special_tokens": False},
             )
             response.raise_for_status()
-            tokens = response.json()["tokens"]
+            answer = response.json()
+            tokens = answer["tokens"]
+            self.max_model_len = answer.get("max_model_len")
         except (httpx.HTTPError, KeyError, ValueError) as err:
             raise UpstreamUnavailable(f"could not read token ids from vLLM: {err}") from err
         if len(tokens) != len(names) or tokens[2] - tokens[1] != 8191:
@@ -154,6 +169,9 @@ class LLMClient:
         Raises UpstreamUnavailable (cannot connect), UpstreamError (vLLM error, in
         band or by status, or a stream that breaks off).
         """
+        if not self.token_map_checked:  # vLLM was away at start-up: check before use
+            with contextlib.suppress(UpstreamUnavailable):
+                await self.check_token_map()
         extra_body: dict[str, object] = {
             "top_k": sampling.top_k,
             "min_p": 0.0,

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     decoder_device: Literal["auto", "cuda", "cpu"] = "auto"
     decoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     decoder_max_batch: int = Field(16, ge=1, description="spans per decoder forward pass")
+    decoder_threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's")
 
     # Voices: the packaged six, replaced or extended by VOICES_FILE
     voices_file: Path | None = None

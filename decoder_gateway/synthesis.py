@@ -26,7 +26,7 @@ import torch
 from .codec import StreamingConfig, StreamingSession
 from .decode_worker import DecodeWorker
 from .errors import GatewayError, InvalidRequest, NoAudioGenerated, Overloaded, UpstreamError
-from .llm import LLMClient, SamplingParams
+from .llm import LLMClient, SamplingParams, prompt_token_bound
 from .metrics import Metrics
 from .prompt import speaker_prompt
 from .settings import Settings
@@ -287,7 +287,7 @@ class Synthesizer:
             top_p=self.settings.top_p,
             top_k=self.settings.top_k,
             repetition_penalty=self.settings.repetition_penalty,
-            max_tokens=min(job.max_tokens, self._token_budget(text, pinned is None)),
+            max_tokens=self._max_tokens(job, text, prompt, pinned is None),
         )
         decoder = self.worker.decoder
         session = None if pinned is None else StreamingSession(decoder, pinned, self.streaming)
@@ -335,6 +335,24 @@ class Synthesizer:
         audio = await self.worker.decode([chunk.span for chunk in chunks])
         for chunk, samples in zip(chunks, audio, strict=True):
             await self._put(queue, session.complete(chunk, samples), state)
+
+    def _max_tokens(self, job: SpeechJob, text: str, prompt: str, writes_globals: bool) -> int:
+        """The request's max_tokens, capped by the length budget and vLLM's context.
+
+        vLLM refuses a request whose prompt + max_tokens exceed its max_model_len; a
+        later segment refused that way would cut the audio off mid-stream.
+        """
+        max_tokens = min(job.max_tokens, self._token_budget(text, writes_globals))
+        context = self.llm.max_model_len
+        if context:
+            room = context - prompt_token_bound(prompt)
+            if room < 1:
+                raise UpstreamError(
+                    f"vLLM's max_model_len of {context} tokens leaves no room for speech "
+                    "after the prompt: raise MAX_MODEL_LEN or lower MAX_SEGMENT_CHARS"
+                )
+            max_tokens = min(max_tokens, room)
+        return max_tokens
 
     @staticmethod
     def _token_budget(text: str, writes_globals: bool) -> int:

@@ -19,6 +19,7 @@ from support.standin_llm import expected_semantic_tokens
 
 from decoder_gateway.audio import to_pcm16
 from decoder_gateway.codec import load_decoder
+from decoder_gateway.llm import prompt_token_bound
 from decoder_gateway.prompt import speaker_prompt
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
@@ -444,3 +445,25 @@ def test_first_audio_arrives_before_the_sentence_is_generated(gateway, llm):
             rest = b"".join(chunks)
     assert stats["running"] == 1 and stats["completed"] == 0, stats
     assert len(rest) > 0
+
+
+def test_max_tokens_fits_vllms_context(make_gateway, llm):
+    """vLLM refuses prompt + max_tokens > max_model_len; the gateway caps max_tokens
+    from the context length it read at start-up, so a long sentence is not refused."""
+    llm.control(max_model_len=400)
+    gateway = make_gateway()
+    text = "Ekigambo kino kiwanvu nnyo era kirina ebigambo bingi nnyo " * 3
+    response = speak(gateway, text=text)
+    assert response.status_code == 200, response.text
+    sent = llm.stats()["last_request"]
+    room = 400 - prompt_token_bound(sent["prompt"])
+    assert sent["max_tokens"] == room
+    assert len(response.content) == room * 2 * SAMPLES_PER_TOKEN  # cut at the cap
+
+
+def test_context_too_small_for_any_speech_is_a_clear_error(make_gateway, llm):
+    llm.control(max_model_len=60)
+    gateway = make_gateway()
+    response = speak(gateway, text="Oli otya leero mukwano gwange wange nnyo?")
+    assert response.status_code == 502
+    assert "max_model_len of 60 tokens leaves no room" in error_of(response)

@@ -1,0 +1,648 @@
+"""End-to-end gateway benchmark: time to first audio, real-time factor, and the old way.
+
+    .venv/bin/python benchmarks/bench_gateway.py [--quick] [--llm standin|vllm|both]
+                                                 [--bicodec-dir DIR]
+
+Everything runs as separate processes on this machine, as in a deployment: the LLM
+(the vLLM wire-format stand-in at a GPU-like token rate, and/or the real vLLM CPU
+server on a tiny deterministic Spark-format model), the gateway (``python -m
+decoder_gateway``), and this script as the HTTP client. Prints markdown tables:
+
+1. Load: N concurrent clients, each posting 2-3 sentence paragraphs to
+   ``POST /v1/audio/speech/stream`` back to back; time to first audio (TTFA:
+   request sent -> first PCM byte), real-time factor (response wall time / audio
+   duration), aggregate audio seconds per wall second, CPU use per process and,
+   from the gateway's ``/metrics`` where it has one, spans per decoder pass, the
+   share of the wall time the decoder was busy, and vLLM's token rate per segment.
+2. The gateway against the original single-file server's way on a 3-sentence
+   paragraph: sentence after sentence, each completion generated in full, then
+   decoded whole, then delivered. The baseline runs here, as a client of the same
+   LLM server, with the gateway's prompt, sampling and decoder weights.
+
+"Playback stall" is the silence a listener who starts playing at the first byte
+would hear mid-utterance, waiting for audio that has not arrived; "listener hears
+the end at" is TTFA + audio + stall. The machine is shared: expect noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.gateway_server import GOLDEN_BICODEC, GatewayServer, free_port  # noqa: E402
+from support.tiny_spark_lm import write_model  # noqa: E402
+from support.vllm_server import VllmServer, vllm_venv, vllm_venv_problem  # noqa: E402
+
+from decoder_gateway.codec import BiCodecDecoder, load_decoder  # noqa: E402
+from decoder_gateway.llm import LLMClient, SamplingParams  # noqa: E402
+from decoder_gateway.prompt import speaker_prompt  # noqa: E402
+from decoder_gateway.settings import Settings  # noqa: E402
+from decoder_gateway.synthesis import Synthesizer  # noqa: E402
+from decoder_gateway.text import split_segments  # noqa: E402
+from decoder_gateway.voices import Voice, VoiceCatalog  # noqa: E402
+
+SAMPLE_RATE = 16000
+BYTES_PER_SECOND = 2 * SAMPLE_RATE  # PCM16 mono
+VOICE = "luganda_female"
+TEMPERATURE = 0.7  # the request default
+STANDIN_MODEL = "spark-tts"
+STANDIN_TOKENS_PER_S = 200.0
+STANDIN_PREFILL_S = 0.02
+STANDIN_TOKENS_PER_WORD = 10
+
+# Client paragraphs (3 sentences; 2 for the tiny vLLM, whose sentences are all
+# `--vllm-semantic-length` tokens long whatever the text).
+PARAGRAPHS = [
+    "The market opens early on Saturday morning. Farmers bring fresh tomatoes, "
+    "onions and bananas from the villages. Most of the stalls are sold out before noon.",
+    "Please remember to bring your identity card to the clinic. The nurse will check "
+    "your details before you see the doctor. The clinic closes at five in the evening.",
+    "Heavy rain is expected across the central region tonight. Drivers should take "
+    "care on the roads near the lake. The weather will clear by tomorrow afternoon.",
+    "Our school football team won the district final yesterday. The players trained "
+    "every evening for three months. The whole village came out to welcome them home.",
+    "The new water tank was built with help from the parish council. Each family can "
+    "now collect clean water close to home. Children no longer walk miles to the well.",
+    "Thank you for calling the farmers' help line. Our advisers can answer questions "
+    "about seeds, fertiliser and pests. Please stay on the line and we will be with you soon.",
+    "The bus to Kampala leaves the station every hour. Tickets can be bought from the "
+    "office or on your phone. Children under five travel for free with an adult.",
+    "Wash your hands with soap before you prepare food. Keep drinking water covered and "
+    "clean. These small habits protect the whole family from disease.",
+]
+COMPARE_PARAGRAPH = (
+    "Good morning, and welcome to the evening news from Kampala. Parliament has "
+    "approved a new budget for roads and schools in the northern districts. "
+    "The minister says the first projects will begin before the end of the year."
+)
+
+
+# --------------------------------------------------------------------------------------
+# Measuring one response
+
+
+@dataclass
+class Delivery:
+    """When each piece of audio reached the client, from the moment the request left."""
+
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (s, PCM bytes)
+    total_s: float = 0.0
+
+    @property
+    def ttfa_s(self) -> float:
+        return self.arrivals[0][0]
+
+    @property
+    def audio_s(self) -> float:
+        return sum(size for _, size in self.arrivals) / BYTES_PER_SECOND
+
+    @property
+    def rtf(self) -> float:
+        return self.total_s / self.audio_s
+
+    @property
+    def stall_s(self) -> float:
+        """Silence heard mid-utterance by a player that starts at the first byte."""
+        stall, playing_until = 0.0, self.ttfa_s
+        for at, size in self.arrivals:
+            if at > playing_until:
+                stall += at - playing_until
+                playing_until = at
+            playing_until += size / BYTES_PER_SECOND
+        return stall
+
+
+async def gateway_request(client: httpx.AsyncClient, url: str, text: str) -> Delivery:
+    """One ``POST /v1/audio/speech/stream``, read as fast as it comes."""
+    delivery = Delivery()
+    started = time.perf_counter()
+    async with client.stream(
+        "POST", f"{url}/v1/audio/speech/stream", json={"text": text, "voice": VOICE}
+    ) as response:
+        if response.status_code != 200:
+            body = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(f"gateway answered {response.status_code}: {body[:300]}")
+        async for chunk in response.aiter_raw():
+            if chunk:
+                delivery.arrivals.append((time.perf_counter() - started, len(chunk)))
+    delivery.total_s = time.perf_counter() - started
+    if not delivery.arrivals:
+        raise RuntimeError("the gateway sent no audio")
+    return delivery
+
+
+@dataclass
+class BaselineTimes:
+    llm_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+async def baseline_request(
+    llm: LLMClient,
+    decoder: BiCodecDecoder,
+    voice: Voice,
+    settings: Settings,
+    text: str,
+    times: BaselineTimes,
+) -> Delivery:
+    """The original server's way: per sentence, generate it all, decode it whole, send."""
+    assert voice.global_tokens is not None
+    delivery = Delivery()
+    started = time.perf_counter()
+    for sentence in split_segments(text, max_chars=settings.max_segment_chars):
+        sampling = SamplingParams(
+            temperature=TEMPERATURE,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+            max_tokens=min(2048, Synthesizer._token_budget(sentence, False)),
+        )
+        semantic: list[int] = []
+        t0 = time.perf_counter()
+        async for delta in llm.stream_tokens(speaker_prompt(voice, sentence), sampling):
+            semantic += delta.semantic
+        t1 = time.perf_counter()
+        audio = await asyncio.to_thread(decoder.decode, semantic, voice.global_tokens)
+        t2 = time.perf_counter()
+        times.llm_s.append(t1 - t0)
+        times.decode_s.append(t2 - t1)
+        times.tokens.append(len(semantic))
+        delivery.arrivals.append((t2 - started, 2 * audio.numel()))
+    delivery.total_s = time.perf_counter() - started
+    return delivery
+
+
+# --------------------------------------------------------------------------------------
+# Processes and their CPU time
+
+
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every process we can read."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def tree_cpu_s(root: int | None) -> float:
+    """CPU seconds used so far by ``root`` and its living descendants."""
+    if root is None:
+        return 0.0
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo += children.get(pid, [])
+    return total
+
+
+def gateway_metrics(url: str) -> dict[str, float]:
+    """The gateway's unlabelled-summed Prometheus samples; empty if it has no /metrics."""
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=5)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200:
+        return {}
+    samples: dict[str, float] = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            name = name.split("{", 1)[0]
+            try:
+                samples[name] = samples.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+    return samples
+
+
+def decoder_stats(before: dict[str, float], after: dict[str, float], wall: float) -> list[str]:
+    """Mean spans per decoder pass, decoder busy fraction, LLM tokens/s per segment."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    passes = delta("tts_decoder_batch_spans_count")
+    segments = delta("tts_llm_semantic_tokens_per_second_count")
+    if not passes:
+        return ["-", "-", "-"]
+    rate = delta("tts_llm_semantic_tokens_per_second_sum") / segments if segments else 0.0
+    return [
+        f"{delta('tts_decoder_batch_spans_sum') / passes:.1f}",
+        f"{delta('tts_decoder_batch_seconds_sum') / wall:.0%}",
+        f"{rate:.0f}" if segments else "-",
+    ]
+
+
+@dataclass
+class Llm:
+    name: str
+    base_url: str
+    model: str
+    pid: int | None
+    description: str
+    tokens_per_sentence: Callable[[str], int]
+
+
+@contextmanager
+def standin_llm(log_dir: Path) -> Iterator[Llm]:
+    """The stand-in as its own process (in a thread it would share our GIL)."""
+    port = free_port()
+    log = (log_dir / "standin.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "support" / "standin_llm.py"),
+            *("--port", str(port), "--model", STANDIN_MODEL),
+            *("--tokens-per-s", str(STANDIN_TOKENS_PER_S), "--prefill-s", str(STANDIN_PREFILL_S)),
+            *("--tokens-per-word", str(STANDIN_TOKENS_PER_WORD)),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the stand-in exited; see {log_dir / 'standin.log'}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the stand-in did not come up")
+            time.sleep(0.1)
+        yield Llm(
+            "stand-in",
+            f"http://127.0.0.1:{port}/v1",
+            STANDIN_MODEL,
+            process.pid,
+            f"stand-in vLLM (separate process): {STANDIN_TOKENS_PER_S:g} tokens/s per stream "
+            f"after {STANDIN_PREFILL_S * 1000:g} ms prefill, {STANDIN_TOKENS_PER_WORD} "
+            "semantic tokens per word, one token per SSE chunk, no batch limit",
+            lambda sentence: max(5, STANDIN_TOKENS_PER_WORD * len(sentence.split())),
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@contextmanager
+def vllm_llm(log_dir: Path, semantic_length: int) -> Iterator[Llm]:
+    problem = vllm_venv_problem()
+    if problem:
+        raise RuntimeError(problem)
+    model_dir = write_model(log_dir / "tiny_spark_lm", semantic_length)
+    server = VllmServer(model_dir, log_dir / "vllm.log", max_model_len=4096)
+    print(f"\n(starting vLLM on the tiny model, {semantic_length} tokens per sentence ...)")
+    with server:
+        versions = sorted(vllm_venv().glob("lib/python3*/site-packages/vllm*.dist-info"))
+        version = versions[0].name.removesuffix(".dist-info") if versions else "vllm"
+        yield Llm(
+            "vLLM CPU",
+            server.base_url,
+            server.served_model_name,
+            server._proc.pid if server._proc else None,  # the launcher execs vLLM
+            f"real vLLM ({version}, CPU, float32) serving the tiny Spark-format model: "
+            f"a fixed chain of {semantic_length} semantic tokens "
+            f"({semantic_length / 50:g} s of audio) per sentence; "
+            f"started in {server.startup_seconds:.0f} s",
+            lambda sentence: semantic_length,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Statistics and tables
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p90(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+# --------------------------------------------------------------------------------------
+# The two parts
+
+
+@dataclass
+class Plan:
+    load: list[tuple[int, int]]  # (concurrent clients, requests per client)
+    compare_repeats: int
+
+
+async def _load_level(url: str, texts: list[str], clients: int, each: int) -> list[Delivery]:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    timeout = httpx.Timeout(300.0, connect=10.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+
+        async def one_client(i: int) -> list[Delivery]:
+            return [
+                await gateway_request(client, url, texts[(i + r * clients) % len(texts)])
+                for r in range(each)
+            ]
+
+        per_client = await asyncio.gather(*(one_client(i) for i in range(clients)))
+    return [d for ds in per_client for d in ds]
+
+
+def run_load(llm: Llm, gateway: GatewayServer, plan: Plan, texts: list[str]) -> None:
+    assert gateway.process is not None
+    rows = []
+    for clients, each in plan.load:
+        cpu_gw, cpu_llm = tree_cpu_s(gateway.process.pid), tree_cpu_s(llm.pid)
+        cpu_me = time.process_time()
+        metrics = gateway_metrics(gateway.url)
+        started = time.perf_counter()
+        deliveries = asyncio.run(_load_level(gateway.url, texts, clients, each))
+        wall = time.perf_counter() - started
+        cpu_gw = tree_cpu_s(gateway.process.pid) - cpu_gw
+        cpu_llm = tree_cpu_s(llm.pid) - cpu_llm
+        cpu_me = time.process_time() - cpu_me
+        batch, busy, rate = decoder_stats(metrics, gateway_metrics(gateway.url), wall)
+        ttfa = [d.ttfa_s for d in deliveries]
+        audio = sum(d.audio_s for d in deliveries)
+        rows.append(
+            [
+                clients,
+                len(deliveries),
+                f"{audio / len(deliveries):.1f}",
+                ms(median(ttfa)),
+                ms(p90(ttfa)),
+                ms(max(ttfa)),
+                f"{median([d.rtf for d in deliveries]):.3f}",
+                f"{max(d.rtf for d in deliveries):.3f}",
+                f"{median([d.stall_s for d in deliveries]):.2f}",
+                f"{audio / wall:.1f}",
+                f"{cpu_gw / wall:.2f} / {cpu_llm / wall:.2f} / {cpu_me / wall:.2f}",
+                batch,
+                busy,
+                rate,
+            ]
+        )
+    table(
+        f"{llm.name}: concurrent clients, each posting paragraphs back to back",
+        [
+            "clients",
+            "requests",
+            "audio per request (s)",
+            "TTFA median (ms)",
+            "TTFA p90 (ms)",
+            "TTFA max (ms)",
+            "RTF median",
+            "RTF max",
+            "playback stall median (s)",
+            "audio s per wall s",
+            "CPU cores: gateway / LLM / client",
+            "spans per decoder pass",
+            "decoder busy",
+            "LLM tokens/s per segment",
+        ],
+        rows,
+    )
+
+
+async def _compare_round(
+    llm_info: Llm, url: str, decoder: BiCodecDecoder, text: str, times: BaselineTimes
+) -> tuple[Delivery, Delivery]:
+    settings = Settings()
+    voice = VoiceCatalog.load().resolve(VOICE)
+    llm = LLMClient(llm_info.base_url, "EMPTY", llm_info.model)
+    try:
+        await llm.check_token_map()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+            ours = await gateway_request(client, url, text)
+        theirs = await baseline_request(llm, decoder, voice, settings, text, times)
+    finally:
+        await llm.close()
+    return ours, theirs
+
+
+def run_compare(llm: Llm, gateway: GatewayServer, decoder: BiCodecDecoder, plan: Plan) -> None:
+    text = COMPARE_PARAGRAPH
+    sentences = split_segments(text, max_chars=Settings().max_segment_chars)
+    # Warm-up of both paths (connections, first decode of each length class).
+    asyncio.run(_compare_round(llm, gateway.url, decoder, text, BaselineTimes()))
+    times = BaselineTimes()
+    ours: list[Delivery] = []
+    theirs: list[Delivery] = []
+    for _ in range(plan.compare_repeats):
+        a, b = asyncio.run(_compare_round(llm, gateway.url, decoder, text, times))
+        ours.append(a)
+        theirs.append(b)
+    rows = []
+    for name, runs in (
+        ("gateway: token streaming, 2 sentences in flight", ours),
+        ("original: sentence by sentence, generate all, decode whole", theirs),
+    ):
+        rows.append(
+            [
+                name,
+                ms(median([d.ttfa_s for d in runs])),
+                f"{ms(min(d.ttfa_s for d in runs))}-{ms(max(d.ttfa_s for d in runs))}",
+                f"{median([d.total_s for d in runs]):.2f}",
+                f"{median([d.audio_s for d in runs]):.2f}",
+                f"{median([d.rtf for d in runs]):.3f}",
+                f"{median([d.stall_s for d in runs]):.2f}",
+                f"{median([d.ttfa_s + d.audio_s + d.stall_s for d in runs]):.2f}",
+            ]
+        )
+    gain = median([d.ttfa_s for d in theirs]) / median([d.ttfa_s for d in ours])
+    table(
+        f"{llm.name}: one {len(sentences)}-sentence paragraph "
+        f"({len(text.split())} words), median of {plan.compare_repeats}, alone on the server",
+        [
+            "pipeline",
+            "TTFA (ms)",
+            "TTFA range (ms)",
+            "total (s)",
+            "audio (s)",
+            "RTF",
+            "playback stall (s)",
+            "listener hears the end at (s)",
+        ],
+        rows,
+    )
+    n = len(sentences)
+    print(
+        f"\nTTFA {gain:.1f}x lower with the gateway. Baseline per sentence (median): "
+        f"LLM {ms(median(times.llm_s))} ms for {int(median(times.tokens))} tokens "
+        f"({median(times.tokens) / median(times.llm_s):.0f} tokens/s), whole-sentence "
+        f"decode {ms(median(times.decode_s))} ms; tokens per sentence "
+        f"{times.tokens[-n:]}. The baseline has no HTTP hop (the gateway's figures include one)."
+    )
+
+
+# --------------------------------------------------------------------------------------
+
+
+def describe_decoder(folder: Path, decoder: BiCodecDecoder) -> str:
+    params = sum(p.numel() for p in decoder.parameters())
+    which = "golden small test BiCodec" if folder.resolve() == GOLDEN_BICODEC.resolve() else ""
+    label = f"{which}, " if which else ""
+    return f"{folder} ({label}{params / 1e6:.2f} M decode parameters, float32, CPU)"
+
+
+def run_llm(
+    llm: Llm,
+    decoder_dir: Path,
+    decoder: BiCodecDecoder,
+    plan: Plan,
+    texts: list[str],
+    logs: Path,
+    env: dict[str, str],
+) -> None:
+    print(f"\n## {llm.name}\n\n{llm.description}.")
+    words = [len(t.split()) for t in texts]
+    seconds = [sum(llm.tokens_per_sentence(s) for s in split_segments(t)) / 50 for t in texts]
+    print(
+        f"Client paragraphs: {len(texts)} different ones, {min(words)}-{max(words)} words, "
+        f"{min(seconds):.1f}-{max(seconds):.1f} s of audio each."
+    )
+    with GatewayServer(
+        llm.base_url,
+        logs,
+        MODEL_NAME=llm.model,
+        BICODEC_DIR=str(decoder_dir),
+        LOG_LEVEL="warning",
+        **env,
+    ) as gateway:
+        try:
+            asyncio.run(_load_level(gateway.url, texts, 1, 1))  # warm-up
+            run_load(llm, gateway, plan, texts)
+            run_compare(llm, gateway, decoder, plan)
+        except Exception:
+            print(f"\nGateway log tail:\n{gateway.log_tail()}")
+            raise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer requests: ~40 s stand-in only, ~3 min with vLLM (~1 min of it start-up)",
+    )
+    parser.add_argument("--llm", choices=["standin", "vllm", "both"], default="both")
+    parser.add_argument(
+        "--bicodec-dir", type=Path, default=GOLDEN_BICODEC, help="decoder folder for both paths"
+    )
+    parser.add_argument(
+        "--vllm-semantic-length",
+        type=int,
+        default=150,
+        help="semantic tokens per sentence of the tiny vLLM model (50 = 1 s)",
+    )
+    parser.add_argument(
+        "--decoder-threads",
+        type=int,
+        default=None,
+        help="torch threads for the decoder (OMP_NUM_THREADS of the gateway); default: torch's",
+    )
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep the server logs here")
+    args = parser.parse_args()
+    gateway_env = {}
+    if args.decoder_threads:
+        torch.set_num_threads(args.decoder_threads)
+        gateway_env["OMP_NUM_THREADS"] = str(args.decoder_threads)
+
+    settings = Settings()
+    decoder = load_decoder(args.bicodec_dir)
+    cores = len(os.sched_getaffinity(0))
+    load1, load5, _ = os.getloadavg()
+    print("# Gateway benchmark" + (" (quick)" if args.quick else ""))
+    print(
+        f"\nMachine: {platform.machine()}, {cores} usable cores ({os.cpu_count()} online), "
+        f"load average {load1:.2f} / {load5:.2f} at start; Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} decoder threads), "
+        f"httpx {httpx.__version__}."
+    )
+    print(f"Decoder (gateway and baseline): {describe_decoder(args.bicodec_dir, decoder)}.")
+    print(
+        f"Gateway: its own process (uvicorn), defaults: segment_lookahead "
+        f"{settings.segment_lookahead}, first chunk {settings.stream_first_chunk_tokens} + "
+        f"{settings.stream_first_lookahead_tokens} look-ahead tokens, assumed speed-up "
+        f"{settings.stream_assumed_speedup:g}, decoder batch <= {settings.decoder_max_batch} "
+        f"spans. Requests: voice {VOICE}, temperature {TEMPERATURE}. Clients: httpx.AsyncClient "
+        "in this process, reading as fast as audio comes (TTFA = request sent -> first PCM byte; "
+        "RTF = response wall time / audio seconds). All processes share the same cores."
+    )
+
+    if args.quick:
+        standin_plan = Plan([(1, 2), (4, 1), (16, 1)], compare_repeats=2)
+        vllm_plan = Plan([(1, 2), (4, 1)], compare_repeats=2)
+    else:
+        standin_plan = Plan([(1, 5), (4, 3), (16, 2)], compare_repeats=5)
+        vllm_plan = Plan([(1, 3), (4, 2), (16, 1)], compare_repeats=3)
+    # The tiny vLLM's sentences are all the same length; two per paragraph keeps it short.
+    vllm_texts = [" ".join(split_segments(p)[:2]) for p in PARAGRAPHS]
+
+    with tempfile.TemporaryDirectory(prefix="bench_gateway_") as tmp:
+        logs = args.log_dir or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if args.llm in ("standin", "both"):
+            with standin_llm(logs) as llm:
+                run_llm(llm, args.bicodec_dir, decoder, standin_plan, PARAGRAPHS, logs, gateway_env)
+        if args.llm in ("vllm", "both"):
+            with vllm_llm(logs, args.vllm_semantic_length) as llm:
+                run_llm(llm, args.bicodec_dir, decoder, vllm_plan, vllm_texts, logs, gateway_env)
+        print(f"\n(benchmark ran {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
