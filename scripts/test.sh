@@ -21,7 +21,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned, so that our package's "torch>=2.4" is already satisfied.
 .venv/bin/python -m pip install -q "${torch_index[@]}" "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 
 bash scripts/setup_vllm_env.sh .venv-vllm
 

@@ -552,7 +552,7 @@ def test_dockerfile_gateway():
         "https://download.pytorch.org/whl/cu"
     )
     build_text = " ".join(args for stage in stages for i, args in stage if i == "RUN")
-    assert "pip install --no-cache-dir ." in build_text
+    assert "pip install --no-cache-dir -c constraints.txt ." in build_text  # pinned deps
     assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in build_text
     final_runs = " ".join(args for i, args in final if i == "RUN")
     assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|apt-get install", final_runs)
