@@ -4,15 +4,20 @@ Streams hand in spans and await their audio. A single worker thread owns the
 decoder; while it runs one batch, the spans that arrive meanwhile queue up and go
 together in the next one. That batches concurrent streams without a timer and
 keeps torch off the event loop.
+
+When there is more work than one batch holds, the most urgent goes first: each job
+carries the moment its listener runs out of audio (now, for a first chunk), so a new
+request's first audio never waits behind streams that are seconds ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,10 +27,12 @@ from .metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(order=True)
 class _Job:
-    spans: list[Span]
-    future: asyncio.Future[list[torch.Tensor]]
+    deadline: float  # time.monotonic() by which the audio is needed
+    sequence: int  # first come, first served among equal deadlines
+    spans: list[Span] = field(compare=False)
+    future: asyncio.Future[list[torch.Tensor]] = field(compare=False)
 
 
 class DecodeWorker:
@@ -35,7 +42,8 @@ class DecodeWorker:
         self.decoder = decoder
         self.metrics = metrics
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        self._sequence = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -50,14 +58,19 @@ class DecodeWorker:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def decode(self, spans: list[Span]) -> list[torch.Tensor]:
-        """Audio of each span (float32 CPU tensors), decoded in a shared batch."""
+    async def decode(self, spans: list[Span], deadline: float | None = None) -> list[torch.Tensor]:
+        """Audio of each span (float32 CPU tensors), decoded in a shared batch.
+
+        ``deadline`` (``time.monotonic()``) is when the listener runs out of audio;
+        None means now.
+        """
         if not spans:
             return []
         if self._task is None or self._task.done():
             raise RuntimeError("decode worker is not running")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(spans, future))
+        when = time.monotonic() if deadline is None else deadline
+        self._queue.put_nowait(_Job(when, next(self._sequence), spans, future))
         return await future
 
     async def _run(self) -> None:

@@ -87,6 +87,16 @@ class _RequestState:
     # When the consumer last took audio: a producer blocked on a full queue for longer
     # than the slow-client timeout since then cuts the request off.
     last_pull: float = field(default_factory=time.monotonic)
+    # Playback clock for decode priority: the listener started at the first audio and
+    # runs dry after `samples_decoded` samples (a lower bound for later segments).
+    first_audio_at: float | None = None
+    samples_decoded: int = 0
+
+    def playback_deadline(self, sample_rate: int) -> float:
+        """When this request's listener runs out of audio (now, before the first chunk)."""
+        if self.first_audio_at is None:
+            return time.monotonic()
+        return self.first_audio_at + self.samples_decoded / sample_rate
 
 
 class Synthesizer:
@@ -332,9 +342,14 @@ class Synthesizer:
         chunks = session.plan()
         if not chunks:
             return
-        audio = await self.worker.decode([chunk.span for chunk in chunks])
+        deadline = state.playback_deadline(self.sample_rate)
+        audio = await self.worker.decode([chunk.span for chunk in chunks], deadline)
         for chunk, samples in zip(chunks, audio, strict=True):
-            await self._put(queue, session.complete(chunk, samples), state)
+            emitted = session.complete(chunk, samples)
+            if state.first_audio_at is None:
+                state.first_audio_at = time.monotonic()
+            state.samples_decoded += emitted.shape[0]
+            await self._put(queue, emitted, state)
 
     def _max_tokens(self, job: SpeechJob, text: str, prompt: str, writes_globals: bool) -> int:
         """The request's max_tokens, capped by the length budget and vLLM's context.

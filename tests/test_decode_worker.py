@@ -1,0 +1,88 @@
+"""The decode worker: batches across streams, most urgent first, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from support.gateway_server import GOLDEN_BICODEC
+
+from decoder_gateway.codec import Span, load_decoder
+from decoder_gateway.decode_worker import DecodeWorker
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return load_decoder(GOLDEN_BICODEC)
+
+
+def span(decoder, length: int, seed: int) -> Span:
+    g = torch.Generator().manual_seed(seed)
+    semantic = torch.randint(0, 8192, (length,), generator=g)
+    return Span(semantic, torch.randint(0, 4096, (32,), generator=g), 0, length)
+
+
+async def test_batches_equal_single_decodes(decoder):
+    worker = DecodeWorker(decoder, max_batch=8)
+    worker.start()
+    try:
+        spans = [span(decoder, n, i) for i, n in enumerate((12, 30, 7, 50))]
+        results = await asyncio.gather(*(worker.decode([s]) for s in spans))
+        for s, (audio,) in zip(spans, results, strict=True):
+            assert (audio - decoder.decode_spans([s])[0]).abs().max() <= 1e-5
+        assert worker.batches < len(spans)  # some went together
+    finally:
+        await worker.close()
+
+
+async def test_most_urgent_first(decoder):
+    worker = DecodeWorker(decoder, max_batch=1)
+    worker.start()
+    order: list[str] = []
+
+    async def run(name: str, deadline: float | None, length: int) -> None:
+        await worker.decode([span(decoder, length, len(order))], deadline)
+        order.append(name)
+
+    try:
+        busy = asyncio.create_task(run("busy", None, 400))  # occupies the worker
+        await asyncio.sleep(0.05)
+        later = time.monotonic() + 10
+        queued = [
+            asyncio.create_task(run("ahead-by-10s", later, 20)),
+            asyncio.create_task(run("ahead-by-5s", later - 5, 20)),
+            asyncio.create_task(run("first-chunk", None, 20)),
+        ]
+        await asyncio.gather(busy, *queued)
+        assert order == ["busy", "first-chunk", "ahead-by-5s", "ahead-by-10s"]
+    finally:
+        await worker.close()
+
+
+async def test_event_loop_stays_free_during_decode(decoder):
+    worker = DecodeWorker(decoder)
+    worker.start()
+    try:
+        decoding = asyncio.create_task(worker.decode([span(decoder, 600, 1)]))
+        ticks = 0
+        while not decoding.done():
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks > 3  # the loop ran while torch worked in the worker thread
+    finally:
+        await worker.close()
+
+
+async def test_a_failing_batch_fails_its_callers_not_the_worker(decoder):
+    worker = DecodeWorker(decoder)
+    worker.start()
+    try:
+        bad = Span(torch.tensor([1, 2, 3]), torch.zeros(32, dtype=torch.long), 2, 9)
+        with pytest.raises(ValueError, match="outside"):
+            await worker.decode([bad])
+        (audio,) = await worker.decode([span(decoder, 5, 0)])
+        assert audio.shape == (5 * 320,)
+    finally:
+        await worker.close()
