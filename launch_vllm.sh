@@ -17,6 +17,8 @@
 #   HF_TOKEN                optional; exported for the Hugging Face Hub, never printed
 #   EXTRA_VLLM_ARGS         extra flags, appended as given (word-split on purpose)
 #
+# Arguments given to the script are appended after EXTRA_VLLM_ARGS, unchanged.
+#
 # The command is printed to stderr (API key masked) and then exec'd.
 set -euo pipefail
 
@@ -122,6 +124,9 @@ if [[ -n "$EXTRA_VLLM_ARGS" ]]; then
     cmd+=("${extra[@]}")
     shown+=("${extra[@]}")
 fi
+# Arguments to the script (e.g. after the image name in `docker run`) come last.
+cmd+=("$@")
+shown+=("$@")
 
 echo "launch_vllm.sh: ${shown[*]}" >&2
 # VLLM_PORT and VLLM_HOST are also read by vLLM itself (VLLM_PORT is the first

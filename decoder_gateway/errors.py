@@ -10,9 +10,10 @@ class GatewayError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, where there is one
 
 
 class InvalidRequest(GatewayError):
@@ -45,5 +46,10 @@ class NoAudioGenerated(GatewayError):
     status, code = 502, "no_audio_generated"
 
 
-class DecoderNotReady(GatewayError):
-    status, code = 503, "decoder_not_ready"
+class StreamAborted(Exception):
+    """Raised into the server to abort a response whose status was already sent.
+
+    The client then sees an incomplete body (no chunked terminator), never a short
+    clean file. Not a GatewayError on purpose: no handler may turn it into a response,
+    and the log filter in ``logs.py`` reduces it to one line.
+    """

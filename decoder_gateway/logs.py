@@ -6,6 +6,26 @@ import json
 import logging
 import time
 
+from .errors import StreamAborted
+
+
+class AbortedStreamFilter(logging.Filter):
+    """uvicorn logs an exception that aborts a started response with its traceback;
+    for our deliberate StreamAborted, one warning line says enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None and not isinstance(error, StreamAborted):
+            error = error.__cause__ or error.__context__
+        if error is not None:
+            record.msg, record.args, record.exc_info = (
+                "response aborted mid-stream: %s",
+                (str(error),),
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "message", ...extra fields such as request_id}``."""
@@ -39,6 +59,7 @@ def configure(level: str, fmt: str) -> dict:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.getLogger("uvicorn.error").addFilter(AbortedStreamFilter())
     root.setLevel(level.upper())
     # uvicorn's loggers propagate to the root handler above, in the same format.
     return {"version": 1, "disable_existing_loggers": False}

@@ -47,6 +47,13 @@ class StartMessage(BaseModel):
     sample_rate: int = SAMPLE_RATE
 
 
+class AuthReply(BaseModel):
+    """Answer to ``{"type": "auth", "api_key": ...}`` on the WebSocket."""
+
+    type: Literal["auth"] = "auth"
+    status: Literal["ok"] = "ok"
+
+
 class EndMessage(BaseModel):
     type: Literal["end"] = "end"
     segment_id: str | int | None

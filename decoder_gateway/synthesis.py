@@ -134,15 +134,16 @@ class Synthesizer:
         """Validate a request; raises InvalidRequest / VoiceNotFound with a clear message."""
         limit = self.settings.max_text_chars
         if len(text) > limit:
-            raise InvalidRequest(f"text has {len(text)} characters; the limit is {limit}")
+            raise InvalidRequest(f"text has {len(text)} characters; the limit is {limit}", "text")
         normalized = normalize_text(text)
         if not normalized:
-            raise InvalidRequest("text is empty")
+            raise InvalidRequest("text is empty", "text")
         if not 0.0 <= temperature <= 2.0:
-            raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}")
+            raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", "temperature")
         if not 1 <= max_tokens <= self.settings.max_tokens_limit:
             raise InvalidRequest(
-                f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}"
+                f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}",
+                "max_tokens",
             )
         voice_entry = self.voices.resolve(voice, speaker_id)
         return SpeechJob(text, voice_entry, temperature, max_tokens, new_request_id(request_id))

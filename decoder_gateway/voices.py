@@ -82,13 +82,18 @@ class VoiceCatalog:
         by_id = self._by_id.get(voice) if voice else None
         by_speaker = self._by_speaker.get(speaker_id) if speaker_id is not None else None
         if voice and by_id is None:
-            raise VoiceNotFound(f"unknown voice {voice!r}; valid voices: {self._listing()}")
+            raise VoiceNotFound(
+                f"unknown voice {voice!r}; valid voices: {self._listing()}", "voice"
+            )
         if speaker_id is not None and by_speaker is None:
-            raise VoiceNotFound(f"unknown speaker_id {speaker_id}; valid voices: {self._listing()}")
+            raise VoiceNotFound(
+                f"unknown speaker_id {speaker_id}; valid voices: {self._listing()}", "speaker_id"
+            )
         if by_id and by_speaker and by_id is not by_speaker:
             raise VoiceNotFound(
                 f"voice {voice!r} has speaker_id {by_id.speaker_id}, not {speaker_id}; "
-                "give one of the two"
+                "give one of the two",
+                "speaker_id",
             )
         return by_id or by_speaker or self._by_id[self.default_voice]
 

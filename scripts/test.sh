@@ -35,6 +35,7 @@ if [[ ! -x /usr/bin/chromium ]]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi
+if ! command -v ffmpeg >/dev/null && [[ $(id -u) -eq 0 ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; fi # README's curl | ffmpeg example (tests/test_readme.py)
 
 echo "== ruff" >&2
 .venv/bin/ruff check .

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -200,6 +202,10 @@ def test_bad_requests_get_400_with_a_message(gateway, llm, body, message):
     response = speak(gateway, **body)
     assert response.status_code == 400
     assert message in error_of(response)
+    field = next(iter(k for k in ("temperature", "max_tokens", "speaker_id") if k in body), None)
+    if field is None:
+        field = "voice" if "voice" in body and "text" in body else "text"
+    assert response.json()["error"]["param"] == field
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert llm.stats()["received"] == 0
 
@@ -467,3 +473,38 @@ def test_context_too_small_for_any_speech_is_a_clear_error(make_gateway, llm):
     response = speak(gateway, text="Oli otya leero mukwano gwange wange nnyo?")
     assert response.status_code == 502
     assert "max_model_len of 60 tokens leaves no room" in error_of(response)
+
+
+def test_client_leaving_before_the_first_audio_aborts_upstream_at_once(gateway, llm):
+    """The route waits for the first chunk before it answers; a client that goes away
+    meanwhile must not keep the LLM busy until the first audio or a timeout."""
+    llm.control(stall_s=30, stall_after_tokens=2)  # no audio for 30 s
+    body = json.dumps({"text": "Oli otya leero?"}).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/audio/speech/stream HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        llm.wait_for(lambda s: s["running"] == 1, timeout=10)
+    stats = llm.wait_for(lambda s: s["running"] == 0, timeout=5)  # far less than 30 s
+    assert stats["aborted"] == 1
+
+
+def test_mid_stream_abort_logs_one_line_not_a_traceback(make_gateway, llm):
+    gateway = make_gateway()
+    llm.control(error_after_tokens=30, tokens_per_s=400)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        response = requests.post(
+            f"{gateway.url}/v1/audio/speech/stream",
+            json={"text": "Oli otya leero mukwano gwange wange?"},
+            stream=True,
+            timeout=30,
+        )
+        b"".join(response.iter_content(4096))
+    time.sleep(0.5)
+    log = gateway.log_text()
+    assert "response aborted mid-stream: vLLM failed mid-stream" in log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log

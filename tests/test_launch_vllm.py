@@ -205,3 +205,21 @@ def test_shellcheck_clean() -> None:
         [shellcheck, str(LAUNCHER)], capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_script_arguments_come_last_unchanged(fake_bin: Path) -> None:
+    """`docker run spark-tts-vllm --flag "a b"` hands its arguments to the launcher."""
+    base = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    base["PATH"] = f"{fake_bin}{os.pathsep}{base.get('PATH', '')}"
+    base["EXTRA_VLLM_ARGS"] = "--enforce-eager"
+    proc = subprocess.run(
+        ["bash", str(LAUNCHER), "--seed", "3", "--chat-template", "a b"],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(proc.stdout)["argv"]
+    assert argv == [*expected_argv(), "--enforce-eager", "--seed", "3", "--chat-template", "a b"]

@@ -158,6 +158,10 @@ async def test_api_key_guards_websocket(keyed_gateway):
     async with websockets.connect(url, additional_headers=headers) as ws:
         await ws.send(json.dumps({"input": "Oli?"}))
         assert json.loads(await ws.recv())["type"] == "start"
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        # An auth message as well does no harm: it is acknowledged, not spoken.
+        await ws.send(json.dumps({"type": "auth", "api_key": "s3cret-key"}))
+        assert json.loads(await ws.recv()) == {"type": "auth", "status": "ok"}
     async with websockets.connect(url) as ws:  # browsers: a first auth message
         await ws.send(json.dumps({"type": "auth", "api_key": "s3cret-key"}))
         assert json.loads(await ws.recv()) == {"type": "auth", "status": "ok"}

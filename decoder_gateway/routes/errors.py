@@ -30,7 +30,7 @@ def validation_message(err: RequestValidationError) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, err: GatewayError) -> JSONResponse:
-        return error_response(err.status, err.message, err.code)
+        return error_response(err.status, err.message, err.code, err.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

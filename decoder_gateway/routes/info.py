@@ -20,9 +20,7 @@ async def list_voices(request: Request) -> VoiceList:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 when the decoder is loaded and vLLM answers; 503 with the reason otherwise."""
-    gateway = getattr(request.app.state, "gateway", None)
-    if gateway is None:
-        return JSONResponse({"status": "starting", "reason": "decoder not loaded"}, 503)
+    gateway = request.app.state.gateway  # set before the port opens: the decoder is loaded
     reason = await gateway.llm.health()
     if reason is None and not gateway.llm.token_map_checked:
         try:

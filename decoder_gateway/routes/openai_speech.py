@@ -33,7 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 
 from ..encoders import DEFAULT_SAMPLE_RATE, FORMATS, AudioPipeline
-from ..errors import GatewayError, InvalidRequest, VoiceNotFound
+from ..errors import GatewayError, InvalidRequest, StreamAborted, VoiceNotFound
 from ..protocol import (
     AudioModelList,
     AudioVoiceInfo,
@@ -50,6 +50,7 @@ from ..protocol import (
 )
 from ..voices import Voice, VoiceCatalog
 from .errors import error_response
+from .streaming import first_audio
 
 router = APIRouter(tags=["OpenAI compatible"])
 logger = logging.getLogger(__name__)
@@ -183,8 +184,8 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
 
     # The stream takes a slot (429 past the limit) and logs / counts how it ends.
     audio = synthesizer.stream(job, endpoint="openai")
+    first = await first_audio(request, audio)
     try:
-        first = await anext(audio)
         pipeline = AudioPipeline(fmt.name, synthesizer.sample_rate, rate, body.speed)
     except BaseException:
         await audio.aclose()
@@ -203,8 +204,10 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
             data = await asyncio.to_thread(pipeline.finish)
             if data:
                 yield data
-        except GatewayError:
-            raise  # the synthesizer has logged it
+        except GatewayError as err:  # the synthesizer logged it; cut the response
+            if body.stream_format == "sse":
+                raise  # events() turns it into an error event
+            raise StreamAborted(err.message) from err
         except Exception:
             logger.exception("request %s: %s encoding failed", job.request_id, fmt.name)
             raise

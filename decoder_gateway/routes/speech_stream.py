@@ -14,7 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..audio import to_pcm16
+from ..errors import GatewayError, StreamAborted
 from ..protocol import PCM_HEADERS, SpeechStreamRequest
+from .streaming import first_audio
 
 router = APIRouter()
 
@@ -35,17 +37,15 @@ async def speech_stream(body: SpeechStreamRequest, request: Request) -> Streamin
         request_id=request.headers.get("x-request-id"),
     )
     audio = synthesizer.stream(job, endpoint="stream")
-    try:
-        first = await anext(audio)
-    except BaseException:
-        await audio.aclose()
-        raise
+    first = await first_audio(request, audio)
 
     async def pcm() -> AsyncIterator[bytes]:
         try:
             yield to_pcm16(first)
             async for chunk in audio:
                 yield to_pcm16(chunk)
+        except GatewayError as err:  # the synthesizer logged it; cut the response
+            raise StreamAborted(err.message) from err
         finally:
             await audio.aclose()
 

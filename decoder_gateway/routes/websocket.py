@@ -24,7 +24,13 @@ from pydantic import BaseModel, ValidationError
 from ..audio import PCM_SAMPLE_WIDTH, to_pcm16
 from ..auth import key_matches, presented_key
 from ..errors import GatewayError
-from ..protocol import EndMessage, ErrorMessage, StartMessage, WebSocketSpeechMessage
+from ..protocol import (
+    AuthReply,
+    EndMessage,
+    ErrorMessage,
+    StartMessage,
+    WebSocketSpeechMessage,
+)
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
@@ -50,8 +56,10 @@ class Connection:
             await self.ws.send_bytes(pcm)
 
 
-def parse_message(raw: dict, max_bytes: int) -> WebSocketSpeechMessage | ErrorMessage:
-    """A client frame -> a speech message, or the error frame that answers it."""
+def parse_message(
+    raw: dict, max_bytes: int, api_key: str | None = None
+) -> WebSocketSpeechMessage | ErrorMessage | AuthReply:
+    """A client frame -> a speech message, or the frame that answers it at once."""
     if raw.get("bytes") is not None:
         return ErrorMessage(
             message="binary frames are not accepted; send JSON text messages",
@@ -69,6 +77,10 @@ def parse_message(raw: dict, max_bytes: int) -> WebSocketSpeechMessage | ErrorMe
         return ErrorMessage(message=f"message is not valid JSON: {err}", code="invalid_json")
     if not isinstance(data, dict):
         return ErrorMessage(message="message must be a JSON object", code="invalid_message")
+    if data.get("type") == "auth":  # also from clients already let in by their headers
+        if api_key and not key_matches(api_key, str(data.get("api_key", ""))):
+            return ErrorMessage(message="wrong API key", code="invalid_api_key")
+        return AuthReply()
     try:
         return WebSocketSpeechMessage.model_validate(data)
     except ValidationError as err:
@@ -79,15 +91,17 @@ def parse_message(raw: dict, max_bytes: int) -> WebSocketSpeechMessage | ErrorMe
         return ErrorMessage(message=detail, code="invalid_request", segment_id=segment_id)
 
 
-async def _read(conn: Connection, inbox: asyncio.Queue[object], max_bytes: int) -> None:
+async def _read(
+    conn: Connection, inbox: asyncio.Queue[object], max_bytes: int, api_key: str | None
+) -> None:
     """Parse client frames into the inbox; answer bad or surplus ones at once."""
     try:
         while True:
             raw = await conn.ws.receive()
             if raw["type"] == "websocket.disconnect":
                 break
-            message = parse_message(raw, max_bytes)
-            if isinstance(message, ErrorMessage):
+            message = parse_message(raw, max_bytes, api_key)
+            if isinstance(message, (ErrorMessage, AuthReply)):
                 await conn.send(message)
                 continue
             try:
@@ -163,7 +177,7 @@ async def _authenticate(conn: Connection, gateway: Any) -> bool:
     except (TimeoutError, ValueError, AttributeError):
         presented = None
     if isinstance(presented, str) and key_matches(settings.gateway_api_key, presented):
-        await conn.send({"type": "auth", "status": "ok"})
+        await conn.send(AuthReply())
         return True
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         await conn.send(
@@ -186,7 +200,9 @@ async def speech_websocket(ws: WebSocket) -> None:
     if settings.gateway_api_key and not await _authenticate(conn, gateway):
         return
     inbox: asyncio.Queue[object] = asyncio.Queue(settings.ws_max_queued_messages)
-    reader = asyncio.create_task(_read(conn, inbox, settings.ws_max_message_bytes))
+    reader = asyncio.create_task(
+        _read(conn, inbox, settings.ws_max_message_bytes, settings.gateway_api_key)
+    )
     try:
         while True:
             try:

@@ -1,0 +1,70 @@
+"""The short load and fault run (``benchmarks/load_fault_run.py``) end to end.
+
+Four clients for 20 s against a real gateway process and the stand-in LLM, with
+every fault kind injected at least once, one LLM restart and one LLM outage: no
+request may be lost, no upstream request left running, and every bad message must
+get an explicit error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "load_fault_run.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("load_fault_run", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_load_fault_run(tmp_path: Path) -> None:
+    script = load_script()
+    report_path = tmp_path / "report.json"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        *("--duration", "20", "--clients", "4", "--seed", "7"),
+        *("--llm-restarts", "1", "--llm-outages", "1", "--never-read-s", "8"),
+        *("--request-timeout", "20", "--json", str(report_path)),
+        *("--log-dir", str(tmp_path / "logs")),
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=150)
+    output = done.stdout + done.stderr
+    assert report_path.exists(), output
+    report = json.loads(report_path.read_text())
+
+    outcomes = report["outcomes"]
+    assert outcomes["lost"] == 0, (report["lost_requests"], output)
+    assert report["upstream_running_after"] == 0, output
+    assert report["gateway_alive"], output
+    assert done.returncode == 0, output
+
+    expected = {*script.CLIENT_FAULTS, *script.INBAND_FAULTS, *script.LLM_FAULTS}
+    injected = report["faults_injected"]
+    assert {kind for kind, n in injected.items() if n >= 1} >= expected, injected
+
+    assert sum(outcomes.values()) == report["requests_started"]
+    assert outcomes["completed"] > 0
+    assert outcomes["explicit_error"] > 0
+    assert outcomes["abandoned"] > 0
+    assert report["by_client"]["normal"]["completed"] > 0
+    assert report["audio_seconds_completed"] > 0
+    # Every malformed or oversized message got an explicit error, and WS connections
+    # that got an error frame still served the next request.
+    assert report["anomalies"] == [], report["anomalies"]
+    for kind in ("ws_invalid_json", "ws_binary_frame", "ws_unknown_voice", "http_invalid_json"):
+        outcomes_of_kind = report["fault_client_outcomes"][kind]
+        assert set(outcomes_of_kind) <= set(report["explicit_errors_by_reason"]), outcomes_of_kind
+    assert report["gateway_memory_mib"]["peak_vmhwm"] > 0
+    assert "| LOST | 0 |" in done.stdout
