@@ -1,6 +1,6 @@
 """BiCodec decoder benchmark on the released configuration with random weights.
 
-    python benchmarks/bench_decoder.py [--device cuda] [--dtype bfloat16] [--quick]
+    python benchmarks/bench_decoder.py [--device cuda] [--quick] [--only speed,load,...]
 
 Prints tables: decode speed by utterance length, streaming overhead, batching,
 load time and peak memory (decode-only load against reading the whole
@@ -126,7 +126,8 @@ if sys.argv[2] == "decode-only":
     model = load_decoder(sys.argv[1])
 else:  # the least any full-model load does: every tensor in memory, plus the decoder
     from safetensors.torch import load_file
-    state = load_file(sys.argv[1] + "/model.safetensors")
+    # load_file maps the file lazily; a model's load_state_dict copies every tensor.
+    state = {k: v.clone() for k, v in load_file(sys.argv[1] + "/model.safetensors").items()}
     model = load_decoder(sys.argv[1])
 seconds = time.perf_counter() - started
 print(seconds, base, high_water_mb())
@@ -144,140 +145,171 @@ def load_probe(folder: Path, mode: str) -> tuple[float, float, float]:
     return float(out[0]), float(out[1]), float(out[2])
 
 
+class Bench:
+    """The model under test, a voice, and a seeded token source."""
+
+    def __init__(self, model: BiCodecDecoder, folder: Path, device: str, repeats: int) -> None:
+        self.model, self.folder, self.device, self.repeats = model, folder, device, repeats
+        self.voice = torch.randint(0, 4096, (32,))
+        self._gen = torch.Generator().manual_seed(1)
+
+    def tokens(self, n: int) -> torch.Tensor:
+        return torch.randint(0, 8192, (n,), generator=self._gen)
+
+
+def bench_speed(b: Bench) -> None:
+    rows = []
+    for seconds in (0.5, 5, 20):
+        semantic = b.tokens(int(seconds * TOKENS_PER_SECOND))
+        t = timed(lambda s=semantic: b.model.decode(s, b.voice), b.repeats)
+        rows.append([f"{seconds} s ({len(semantic)} tokens)", t, t / seconds])
+    table("Full decode", ["audio", "time (s)", "time per audio second (RTF)"], rows)
+
+
+def bench_streaming(b: Bench) -> None:
+    semantic = b.tokens(10 * TOKENS_PER_SECOND)
+    full_t = timed(lambda: b.model.decode(semantic, b.voice), b.repeats)
+    stream_t = timed(lambda: stream_all(b.model, semantic, b.voice, None), 1)
+    table(
+        "Streaming overhead (10 s utterance, tokens pushed one by one, default settings)",
+        ["full decode (s)", "streamed (s)", "overhead"],
+        [[full_t, stream_t, f"{stream_t / full_t:.2f}x"]],
+    )
+
+
+def bench_batch(b: Bench) -> None:
+    rows = []
+    for size in (1, 4, 16):  # sequences of 0.8-1.2 s, different voices
+        items = [(b.tokens(40 + (7 * i) % 21), torch.randint(0, 4096, (32,))) for i in range(size)]
+        single = timed(lambda it=items: [b.model.decode(s, g) for s, g in it], b.repeats)
+        batched = timed(lambda it=items: b.model.decode_batch(it), b.repeats)
+        rows.append([size, single, batched, f"{single / batched:.2f}x"])
+    table(
+        "Batching (~1 s sequences of different lengths and voices)",
+        ["batch", "singles (s)", "one batch (s)", "speed-up"],
+        rows,
+    )
+
+
+STREAMING_SETTINGS = [
+    ("exact (look-ahead 67 from the start)", StreamingConfig(first_lookahead_tokens=67)),
+    ("default: first 10 + 4, crossfade 320", StreamingConfig()),
+    ("first 10 + 4, no crossfade", StreamingConfig(crossfade_samples=0)),
+    ("first 10 + 4, crossfade 640", StreamingConfig(crossfade_samples=640)),
+    ("first 10 + 0, crossfade 320", StreamingConfig(first_lookahead_tokens=0)),
+    ("first 10 + 8, crossfade 320", StreamingConfig(first_lookahead_tokens=8)),
+    ("first 10 + 16, crossfade 320", StreamingConfig(first_lookahead_tokens=16)),
+    ("speed-up 4 (fast LLM)", StreamingConfig(assumed_speedup=4.0)),
+    ("speed-up 1 (real-time LLM)", StreamingConfig(assumed_speedup=1.0)),
+]
+
+
+def bench_quality(b: Bench) -> None:
+    semantic = b.tokens(6 * TOKENS_PER_SECOND)
+    full = b.model.decode(semantic, b.voice)
+    print(
+        f"\nTest signal (random weights): rms {full.pow(2).mean().sqrt():.3f}, "
+        f"|x| > 0.99 on {(full.abs() > 0.99).float().mean():.1%} of samples"
+    )
+    rows = []
+    for name, config in STREAMING_SETTINGS:
+        streamed, first = stream_all(b.model, semantic, b.voice, config)
+        assert streamed.shape == full.shape
+        exact_from = next(
+            (
+                i
+                for i in range(len(full) // 320)
+                if (streamed[i * 320 :] - full[i * 320 :]).abs().max() <= 1e-4
+            ),
+            None,
+        )
+        rows.append(
+            [
+                name,
+                first,
+                f"{first * 20} ms",
+                snr_db(full, streamed),
+                f"{(streamed - full).abs().max():.2e}",
+                "-" if exact_from is None else f"{exact_from * 20 / 1000:.2f} s",
+            ]
+        )
+    table(
+        "Streamed against full decode (6 s utterance)",
+        [
+            "setting",
+            "tokens before first audio",
+            "of speech",
+            "SNR (dB)",
+            "max abs err",
+            "exact from",
+        ],
+        rows,
+    )
+
+
+def bench_precision(b: Bench) -> None:
+    if b.device == "cpu":
+        print("\n(reduced precision: CUDA only, skipped on the CPU)")
+        return
+    semantic = b.tokens(6 * TOKENS_PER_SECOND)
+    full = b.model.decode(semantic, b.voice)
+    rows = []
+    for low in (torch.bfloat16, torch.float16):
+        other = load_decoder(b.folder, device=b.device, dtype=low)
+        rows.append(
+            [
+                str(low),
+                snr_db(full, other.decode(semantic, b.voice)),
+                timed(lambda o=other: o.decode(semantic, b.voice), b.repeats),
+            ]
+        )
+    table("Reduced precision against float32 (6 s)", ["dtype", "SNR (dB)", "time (s)"], rows)
+
+
+def bench_load(b: Bench) -> None:
+    rows = []
+    for mode in ("decode-only", "whole checkpoint + decoder"):
+        seconds, base, peak = load_probe(b.folder, mode)
+        rows.append([mode, seconds, f"{peak - base:.0f} MB", f"{peak:.0f} MB"])
+    table(
+        "Load (CPU, fresh process, after `import torch`; 842-key random checkpoint, 626 MB)",
+        ["load", "time (s)", "peak RSS added by the load", "peak RSS"],
+        rows,
+    )
+
+
+SECTIONS = {
+    "speed": bench_speed,
+    "streaming": bench_streaming,
+    "batch": bench_batch,
+    "quality": bench_quality,
+    "precision": bench_precision,
+    "load": bench_load,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}"
+    )
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    repeats = 1 if args.quick else 3
-
+    chosen = args.only.split(",")
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
     print(
-        f"# BiCodec decoder benchmark: device {args.device}, {args.dtype}, "
+        f"# BiCodec decoder benchmark: device {args.device}, float32, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(Path(tmp) / "BiCodec")
-        model = load_decoder(folder, device=args.device, dtype=dtype)
-        voice = torch.randint(0, 4096, (32,))
-        gen = torch.Generator().manual_seed(1)
-
-        def tokens(n: int) -> torch.Tensor:
-            return torch.randint(0, 8192, (n,), generator=gen)
-
-        # 1. Speed by length.
-        rows = []
-        for seconds in (0.5, 5, 20):
-            semantic = tokens(int(seconds * TOKENS_PER_SECOND))
-            t = timed(lambda s=semantic: model.decode(s, voice), repeats)
-            rows.append([f"{seconds} s ({len(semantic)} tokens)", t, t / seconds])
-        table("Full decode", ["audio", "time (s)", "time per audio second (RTF)"], rows)
-
-        # 2. Streaming overhead, default settings, token by token.
-        semantic = tokens(10 * TOKENS_PER_SECOND)
-        full_t = timed(lambda: model.decode(semantic, voice), repeats)
-        stream_t = timed(lambda: stream_all(model, semantic, voice, None), 1)
-        table(
-            "Streaming overhead (10 s utterance, tokens pushed one by one, default settings)",
-            ["full decode (s)", "streamed (s)", "overhead"],
-            [[full_t, stream_t, f"{stream_t / full_t:.2f}x"]],
-        )
-
-        # 3. Batching: sequences of 0.8-1.2 s, different voices.
-        rows = []
-        for size in (1, 4, 16):
-            items = [
-                (tokens(40 + (7 * i) % 21), torch.randint(0, 4096, (32,))) for i in range(size)
-            ]
-            single = timed(lambda it=items: [model.decode(s, g) for s, g in it], repeats)
-            batched = timed(lambda it=items: model.decode_batch(it), repeats)
-            rows.append([size, single, batched, f"{single / batched:.2f}x"])
-        table(
-            "Batching (~1 s sequences of different lengths and voices)",
-            ["batch", "singles (s)", "one batch (s)", "speed-up"],
-            rows,
-        )
-
-        # 4. Streaming quality per setting, against the full decode.
-        semantic = tokens(6 * TOKENS_PER_SECOND)
-        full = model.decode(semantic, voice)
-        print(
-            f"\nTest signal (random weights): rms {full.pow(2).mean().sqrt():.3f}, "
-            f"|x| > 0.99 on {(full.abs() > 0.99).float().mean():.1%} of samples"
-        )
-        settings = [
-            ("exact (look-ahead 67 from the start)", StreamingConfig(first_lookahead_tokens=67)),
-            ("default: first 10 + 4, crossfade 320", StreamingConfig()),
-            ("first 10 + 4, no crossfade", StreamingConfig(crossfade_samples=0)),
-            ("first 10 + 4, crossfade 640", StreamingConfig(crossfade_samples=640)),
-            ("first 10 + 0, crossfade 320", StreamingConfig(first_lookahead_tokens=0)),
-            ("first 10 + 8, crossfade 320", StreamingConfig(first_lookahead_tokens=8)),
-            ("first 10 + 16, crossfade 320", StreamingConfig(first_lookahead_tokens=16)),
-            ("speed-up 4 (fast LLM)", StreamingConfig(assumed_speedup=4.0)),
-            ("speed-up 1 (real-time LLM)", StreamingConfig(assumed_speedup=1.0)),
-        ]
-        rows = []
-        for name, config in settings:
-            streamed, first = stream_all(model, semantic, voice, config)
-            assert streamed.shape == full.shape
-            exact_from = next(
-                (
-                    i
-                    for i in range(len(full) // 320)
-                    if (streamed[i * 320 :] - full[i * 320 :]).abs().max() <= 1e-4
-                ),
-                None,
-            )
-            rows.append(
-                [
-                    name,
-                    first,
-                    f"{first * 20} ms",
-                    snr_db(full, streamed),
-                    f"{(streamed - full).abs().max():.2e}",
-                    "-" if exact_from is None else f"{exact_from * 20 / 1000:.2f} s",
-                ]
-            )
-        table(
-            "Streamed against full decode (6 s utterance)",
-            [
-                "setting",
-                "tokens before first audio",
-                "of speech",
-                "SNR (dB)",
-                "max abs err",
-                "exact from",
-            ],
-            rows,
-        )
-
-        # 5. Reduced precision against float32.
-        if args.device != "cpu" and dtype == torch.float32:
-            rows = []
-            for low in (torch.bfloat16, torch.float16):
-                other = load_decoder(folder, device=args.device, dtype=low)
-                rows.append(
-                    [
-                        str(low),
-                        snr_db(full, other.decode(semantic, voice)),
-                        timed(lambda o=other: o.decode(semantic, voice), repeats),
-                    ]
-                )
-            table(
-                "Reduced precision against float32 (6 s)", ["dtype", "SNR (dB)", "time (s)"], rows
-            )
-
-        # 6. Load time and peak memory, each in a fresh process.
-        rows = []
-        for mode in ("decode-only", "whole checkpoint + decoder"):
-            seconds, base, peak = load_probe(folder, mode)
-            rows.append([mode, seconds, f"{peak - base:.0f} MB", f"{peak:.0f} MB"])
-        table(
-            "Load (CPU, fresh process, after `import torch`; 842-key random checkpoint, 626 MB)",
-            ["load", "time (s)", "peak RSS added by the load", "peak RSS"],
-            rows,
-        )
+        model = load_decoder(folder, device=args.device)
+        bench = Bench(model, folder, args.device, 1 if args.quick else 3)
+        for name in chosen:
+            SECTIONS[name](bench)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ class Overloaded(GatewayError):
     status, code = 429, "too_many_streams"
 
 
+class SlowClient(GatewayError):
+    """The client took no audio for SLOW_CLIENT_TIMEOUT_S: its request is cut off."""
+
+    status, code = 408, "client_too_slow"
+
+
 class UpstreamUnavailable(GatewayError):
     """vLLM cannot be reached (connection refused, timeout) or is not ready."""
 

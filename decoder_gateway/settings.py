@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     hf_token: str | None = None
     decoder_device: Literal["auto", "cuda", "cpu"] = "auto"
     decoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    decoder_max_batch: int = Field(16, ge=1, description="spans per decoder forward pass")
+    # Spans per decoder forward pass; unset: 16 on CUDA, 1 on the CPU, where padding a
+    # batch to its longest window costs more than batching saves (benchmarks/bench_decoder.py).
+    decoder_max_batch: int | None = Field(None, ge=1)
     decoder_threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's")
 
     # Voices: the packaged six, replaced or extended by VOICES_FILE

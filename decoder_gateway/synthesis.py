@@ -25,7 +25,14 @@ import torch
 
 from .codec import StreamingConfig, StreamingSession
 from .decode_worker import DecodeWorker
-from .errors import GatewayError, InvalidRequest, NoAudioGenerated, Overloaded, UpstreamError
+from .errors import (
+    GatewayError,
+    InvalidRequest,
+    NoAudioGenerated,
+    Overloaded,
+    SlowClient,
+    UpstreamError,
+)
 from .llm import LLMClient, SamplingParams, prompt_token_bound
 from .metrics import Metrics
 from .prompt import speaker_prompt
@@ -44,10 +51,6 @@ def new_request_id(client_value: str | None = None) -> str:
     if client_value and _REQUEST_ID.fullmatch(client_value):
         return client_value
     return uuid.uuid4().hex
-
-
-class SlowClient(GatewayError):
-    status, code = 408, "client_too_slow"
 
 
 class StreamSlots:

@@ -16,10 +16,11 @@ from support.gateway_server import GOLDEN_BICODEC
 
 from decoder_gateway.codec import load_decoder
 from decoder_gateway.decode_worker import DecodeWorker
+from decoder_gateway.errors import SlowClient
 from decoder_gateway.llm import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.settings import Settings
-from decoder_gateway.synthesis import SlowClient, Synthesizer
+from decoder_gateway.synthesis import Synthesizer
 from decoder_gateway.voices import VoiceCatalog
 
 TEXT = "Oli otya? Nze bulungi nnyo."
