@@ -76,8 +76,7 @@ async def build_gateway(settings: Settings) -> Gateway:
         await llm.check_token_map()
     except GatewayError as err:  # vLLM may still be starting: /health will retry
         logger.warning("token ids not checked yet: %s", err.message)
-    max_batch = settings.decoder_max_batch or (16 if decoder.device.type == "cuda" else 1)
-    worker = DecodeWorker(decoder, max_batch, metrics)
+    worker = DecodeWorker(decoder, settings.decoder_max_batch, metrics)
     worker.start()
     synthesizer = Synthesizer(settings, llm, worker, voices, metrics)
     return Gateway(settings, voices, llm, decoder, worker, synthesizer, metrics)

@@ -34,9 +34,9 @@ class Settings(BaseSettings):
     hf_token: str | None = None
     decoder_device: Literal["auto", "cuda", "cpu"] = "auto"
     decoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Spans per decoder forward pass; unset: 16 on CUDA, 1 on the CPU, where padding a
-    # batch to its longest window costs more than batching saves (benchmarks/bench_decoder.py).
-    decoder_max_batch: int | None = Field(None, ge=1)
+    # Spans per decoder forward pass. On a CPU with the full-size decoder, 1 is faster
+    # (padding costs more than batching saves there: benchmarks/bench_decoder.py).
+    decoder_max_batch: int = Field(16, ge=1)
     decoder_threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's")
 
     # Voices: the packaged six, replaced or extended by VOICES_FILE
