@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import table  # noqa: E402  (benchmarks/, the script's own folder)
+
 from decoder_gateway.codec import (  # noqa: E402
     BiCodecConfig,
     BiCodecDecoder,
@@ -80,14 +82,6 @@ def timed(fn, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
-
-
-def table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from report import table  # noqa: E402  (benchmarks/, the script's own folder)
 from support.gateway_server import GOLDEN_BICODEC, GatewayServer, free_port  # noqa: E402
 from support.tiny_spark_lm import write_model  # noqa: E402
 from support.vllm_server import VllmServer, vllm_venv, vllm_venv_problem  # noqa: E402
@@ -365,14 +366,6 @@ def p90(values: list[float]) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f}"
-
-
-def table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
 
 
 # --------------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ from support.tiny_spark_lm import write_model  # noqa: E402
 from support.vllm_server import VllmServer, vllm_venv_problem  # noqa: E402
 
 from decoder_gateway.text import split_segments  # noqa: E402
+from decoder_gateway.voices import VoiceCatalog  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only, always
 SAMPLE_RATE = 16000
@@ -94,14 +95,7 @@ HTTP_PATH = "/v1/audio/speech/stream"
 WS_PATH = "/v1/audio/speech/stream/ws"
 MAX_TEXT_CHARS = 5000  # the gateway's default MAX_TEXT_CHARS
 
-VOICES = [
-    "acholi_female",
-    "ateso_female",
-    "runyankore_female",
-    "lugbara_female",
-    "swahili_male",
-    "luganda_female",
-]
+VOICES = VoiceCatalog.load().ids  # the packaged six
 SPEAKER_IDS = [241, 242, 243, 245, 246, 248]
 WORDS = (
     "market morning farmer tomato onion banana village stall river water school "
