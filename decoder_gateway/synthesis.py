@@ -74,6 +74,7 @@ class SpeechJob:
     """A validated synthesis request, whatever endpoint it came from."""
 
     text: str
+    segments: tuple[str, ...]  # what is generated, one LLM request each, in order
     voice: Voice
     temperature: float
     max_tokens: int
@@ -138,9 +139,11 @@ class Synthesizer:
         limit = self.settings.max_text_chars
         if len(text) > limit:
             raise InvalidRequest(f"text has {len(text)} characters; the limit is {limit}", "text")
-        normalized = normalize_text(text)
-        if not normalized:
+        if not normalize_text(text):
             raise InvalidRequest("text is empty", "text")
+        segments = tuple(split_segments(text, max_chars=self.settings.max_segment_chars))
+        if not segments:  # only punctuation or symbols
+            raise InvalidRequest("text has nothing to speak", "text")
         if not 0.0 <= temperature <= 2.0:
             raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", "temperature")
         if not 1 <= max_tokens <= self.settings.max_tokens_limit:
@@ -149,7 +152,9 @@ class Synthesizer:
                 "max_tokens",
             )
         voice_entry = self.voices.resolve(voice, speaker_id)
-        return SpeechJob(text, voice_entry, temperature, max_tokens, new_request_id(request_id))
+        return SpeechJob(
+            text, segments, voice_entry, temperature, max_tokens, new_request_id(request_id)
+        )
 
     async def stream(self, job: SpeechJob, endpoint: str = "stream") -> AsyncIterator[torch.Tensor]:
         """Float32 audio chunks at ``sample_rate``, in order; raises GatewayError on failure.
@@ -212,9 +217,7 @@ class Synthesizer:
             )
 
     async def _stream_segments(self, job: SpeechJob) -> AsyncIterator[torch.Tensor]:
-        segments = split_segments(job.text, max_chars=self.settings.max_segment_chars)
-        if not segments:
-            raise InvalidRequest("text has nothing to speak")
+        segments = job.segments
         state = _RequestState(asyncio.get_running_loop().create_future())
         if job.voice.global_tokens is not None:
             state.voice_tokens.set_result(job.voice.global_tokens)

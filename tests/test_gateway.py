@@ -183,6 +183,7 @@ def test_concurrent_http_clients(gateway, llm):
     [
         ({"text": ""}, "text is empty"),
         ({"text": "   \n\t "}, "text is empty"),
+        ({"text": "... !!! --- ***"}, "text has nothing to speak"),
         ({"text": "x" * 5001}, "limit is 5000"),
         (
             {"text": "hi", "voice": "klingon"},
