@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
+from pydantic import ValidationError
 
 from .app import create_app
 from .logs import configure
 from .settings import Settings
 
 
+def read_settings() -> Settings:
+    """Settings from the environment; exits with a message naming the variables."""
+    try:
+        return Settings()
+    except ValidationError as err:
+        lines = []
+        for error in err.errors():
+            names = ".".join(str(part).upper() for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"  {names}: {message}" if names else f"  {message}")
+        sys.exit("decoder_gateway: invalid settings\n" + "\n".join(lines))
+
+
 def main() -> None:
-    settings = Settings()
+    settings = read_settings()
     log_config = configure(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),

@@ -18,9 +18,10 @@ from .decode_worker import DecodeWorker
 from .errors import GatewayError
 from .llm import LLMClient
 from .metrics import Metrics
+from .middleware import BodySizeLimit, WebSocketOriginCheck
 from .routes import errors, info, openai_speech, speech_stream, web, websocket
+from .serving import SpeechService
 from .settings import Settings
-from .synthesis import Synthesizer
 from .voices import VoiceCatalog
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Gateway:
     llm: LLMClient
     decoder: BiCodecDecoder
     worker: DecodeWorker
-    synthesizer: Synthesizer
+    speech: SpeechService
     metrics: Metrics
 
 
@@ -78,8 +79,8 @@ async def build_gateway(settings: Settings) -> Gateway:
         logger.warning("token ids not checked yet: %s", err.message)
     worker = DecodeWorker(decoder, settings.decoder_max_batch, metrics)
     worker.start()
-    synthesizer = Synthesizer(settings, llm, worker, voices, metrics)
-    return Gateway(settings, voices, llm, decoder, worker, synthesizer, metrics)
+    speech = SpeechService(settings, llm, worker, voices, metrics)
+    return Gateway(settings, voices, llm, decoder, worker, speech, metrics)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    # Added last = outermost: bodies are bounded and foreign WebSocket origins refused
+    # before anything else runs.
     if settings.gateway_api_key:
         exempt = [p.strip() for p in settings.auth_exempt_paths.split(",") if p.strip()]
         app.add_middleware(APIKeyMiddleware, api_key=settings.gateway_api_key, exempt_paths=exempt)
@@ -121,6 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Id"],
             expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels"],
         )
+        # CORS does not cover WebSockets: browsers connect from any page unless the
+        # server checks the handshake's Origin itself.
+        app.add_middleware(WebSocketOriginCheck, allowed_origins=origins)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
     for module in (info, speech_stream, websocket, openai_speech, web):
         app.include_router(module.router)
     return app

@@ -1,10 +1,10 @@
 """Optional API key (GATEWAY_API_KEY).
 
-HTTP: ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``) on every path but the
-exempt ones, checked by a pure ASGI middleware. WebSocket: the same headers, or,
-for browsers that cannot set headers, a first message ``{"type": "auth",
-"api_key": KEY}`` (handled by the WebSocket route). Keys are compared in constant
-time.
+HTTP: ``Authorization: Bearer KEY`` (or ``X-API-Key: KEY``; with both, either may
+carry the key) on every path but the exempt ones, checked by a pure ASGI
+middleware. WebSocket: the same headers, or, for browsers that cannot set headers,
+a first message ``{"type": "auth", "api_key": KEY}`` (handled by the WebSocket
+route). Keys are compared in constant time.
 """
 
 from __future__ import annotations
@@ -20,20 +20,33 @@ from .routes.errors import error_response
 def key_matches(expected: str, presented: str | None) -> bool:
     if presented is None:
         return False
-    return hmac.compare_digest(expected.encode(), presented.encode())
+    # surrogatepass: a key from JSON may hold a lone surrogate; it is a wrong key,
+    # not an encoding error.
+    return hmac.compare_digest(
+        expected.encode("utf-8", "surrogatepass"), presented.encode("utf-8", "surrogatepass")
+    )
 
 
-def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The key in ``Authorization: Bearer`` or ``X-API-Key``, if any."""
+def presented_keys(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
+    """Every key in ``Authorization: Bearer`` and ``X-API-Key`` headers.
+
+    A request is let in when any of them is right: a client (or a proxy) may add a
+    header of the other kind, and which one comes first must not decide.
+    """
+    keys = []
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer":
-                return token.strip()
+                keys.append(token.strip())
         elif lowered == b"x-api-key":
-            return value.decode("latin-1").strip()
-    return None
+            keys.append(value.decode("latin-1").strip())
+    return keys
+
+
+def authorized(expected: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(key_matches(expected, key) for key in presented_keys(headers))
 
 
 def is_exempt(path: str, exempt: list[str]) -> bool:
@@ -53,7 +66,7 @@ class APIKeyMiddleware:
             scope["type"] == "http"
             and scope.get("method") != "OPTIONS"  # CORS preflights carry no credentials
             and not is_exempt(scope["path"], self.exempt_paths)
-            and not key_matches(self.api_key, presented_key(scope["headers"]))
+            and not authorized(self.api_key, scope["headers"])
         ):
             response = error_response(
                 401,

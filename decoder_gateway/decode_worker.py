@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .codec import BiCodecDecoder, Span
+from .errors import DecoderError
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -46,17 +47,29 @@ class DecodeWorker:
         self._sequence = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
         self._task: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None  # why the worker stopped, if it did
         self.batches = 0
         self.spans_decoded = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="decode-worker")
 
+    def problem(self) -> str | None:
+        """Why the worker cannot decode (for /health), or None when it can."""
+        if self._task is None:
+            return "the decode worker has not started"
+        if self._task.done():
+            cause = f": {self.failure!r}" if self.failure is not None else ""
+            return f"the decode worker has stopped{cause}"
+        return None
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._fail_queued(DecoderError("the decode worker is shutting down"))
+        # Waits for a batch in progress: in a thread, so the loop keeps serving meanwhile.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def decode(self, spans: list[Span], deadline: float | None = None) -> list[torch.Tensor]:
         """Audio of each span (float32 CPU tensors), decoded in a shared batch.
@@ -66,14 +79,31 @@ class DecodeWorker:
         """
         if not spans:
             return []
-        if self._task is None or self._task.done():
-            raise RuntimeError("decode worker is not running")
+        if (problem := self.problem()) is not None:
+            raise DecoderError(problem)
         future = asyncio.get_running_loop().create_future()
         when = time.monotonic() if deadline is None else deadline
         self._queue.put_nowait(_Job(when, next(self._sequence), spans, future))
         return await future
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # a bug in the worker itself: /health reports it
+            self.failure = err
+            logger.critical("decode worker stopped", exc_info=err)
+            self._fail_queued(DecoderError(f"the decode worker has stopped: {err!r}"))
+            raise
+
+    def _fail_queued(self, error: DecoderError) -> None:
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
@@ -90,10 +120,13 @@ class DecodeWorker:
             try:
                 audio = await loop.run_in_executor(self._executor, self.decoder.decode_spans, spans)
             except Exception as err:  # a bad batch fails its streams, not the worker
-                logger.exception("decoder batch of %d spans failed", len(spans))
+                logger.error("decoder batch of %d spans failed", len(spans), exc_info=err)
+                if self.metrics is not None:
+                    self.metrics.decoder_failures.inc()
+                error = DecoderError(f"the audio decoder failed: {_describe(err)}")
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(err)
+                        job.future.set_exception(error)
                 continue
             self.batches += 1
             self.spans_decoded += len(spans)
@@ -106,3 +139,10 @@ class DecodeWorker:
                 offset += len(job.spans)
                 if not job.future.done():
                     job.future.set_result(part)
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: first line``, short: enough to tell an out-of-memory from a bug."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+    return text[:200]

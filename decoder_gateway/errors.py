@@ -28,10 +28,23 @@ class Overloaded(GatewayError):
     status, code = 429, "too_many_streams"
 
 
+class RequestTooLarge(InvalidRequest):
+    """The HTTP body is over MAX_REQUEST_BODY_BYTES."""
+
+    status, code = 413, "request_too_large"
+
+
 class SlowClient(GatewayError):
-    """The client took no audio for SLOW_CLIENT_TIMEOUT_S: its request is cut off."""
+    """A send to the client did not complete within SLOW_CLIENT_TIMEOUT_S: the client
+    stopped reading (its receive window closed) and its request is cut off."""
 
     status, code = 408, "client_too_slow"
+
+
+class ClientGone(GatewayError):
+    """The client went away (closed the connection) before its audio was complete."""
+
+    status, code = 499, "client_closed_request"
 
 
 class UpstreamUnavailable(GatewayError):
@@ -50,6 +63,19 @@ class NoAudioGenerated(GatewayError):
     """The model finished a segment without writing any semantic token."""
 
     status, code = 502, "no_audio_generated"
+
+
+class DecoderError(GatewayError):
+    """The audio decoder failed (CUDA out of memory, anything torch raises), or its
+    worker has stopped."""
+
+    status, code = 500, "decoder_error"
+
+
+class InternalError(GatewayError):
+    """Any other unexpected failure: a bug, reported as an explicit error, never silence."""
+
+    status, code = 500, "internal_error"
 
 
 class StreamAborted(Exception):

@@ -27,7 +27,7 @@ class Metrics:
         self.requests = Counter(
             "tts_requests",
             "Synthesis requests by endpoint and outcome "
-            "(completed, error, client_disconnected, rejected).",
+            "(completed, error, slow_client, client_disconnected, rejected).",
             ["endpoint", "outcome"],
             registry=r,
         )
@@ -79,6 +79,11 @@ class Metrics:
             "tts_decoder_batch_spans",
             "Spans (chunks of any stream) decoded in one forward pass.",
             buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.decoder_failures = Counter(
+            "tts_decoder_failures",
+            "Decoder batches that raised (each fails the streams in it with decoder_error).",
             registry=r,
         )
         self.decoder_batch_seconds = Histogram(

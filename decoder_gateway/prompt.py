@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .voices import Voice
@@ -25,6 +26,19 @@ class TokenMap:
     @property
     def stop_token_ids(self) -> list[int]:
         return [self.end_semantic, self.im_end]
+
+
+# Special tokens of the Spark / Qwen2 vocabulary are all spelled <|name|>. vLLM's
+# tokenizer turns such a spelling in the text into the special token itself, so text
+# holding one could end the content and rewrite the prompt (e.g. the voice's global
+# tokens). Any <|...|> is refused; "<|" or "|>" alone is harmless.
+_MARKUP = re.compile(r"<\|[^<>]*?\|>")
+
+
+def find_markup(text: str) -> str | None:
+    """The first piece of prompt markup (``<|...|>``) in ``text``, or None."""
+    match = _MARKUP.search(text)
+    return match.group(0) if match else None
 
 
 def global_token(index: int) -> str:

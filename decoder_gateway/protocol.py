@@ -6,22 +6,48 @@ clients already use.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 SAMPLE_RATE = 16000
 PCM_HEADERS = {"X-Sample-Rate": str(SAMPLE_RATE), "X-Bit-Depth": "16", "X-Channels": "1"}
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (``"\\ud800"``), which no text can hold."""
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            raise ValueError(
+                f"holds a lone UTF-16 surrogate (U+{ord(char):04X}) at character {position}; "
+                "send valid Unicode"
+            )
+    return text
+
+
+# Text of a request: valid Unicode. Ids and counts: JSON integers, never booleans
+# (pydantic would otherwise take `true` as 1) nor strings.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+SegmentId = StrictStr | StrictInt
+DEFAULT_MAX_TOKENS_DOC = "Semantic-token budget per sentence; default min(2048, MAX_TOKENS_LIMIT)."
+
+
 class SpeechStreamRequest(BaseModel):
     """``POST /v1/audio/speech/stream``."""
 
-    text: str = Field(description="Text to speak; split into sentences server-side.")
-    voice: str | None = Field(None, description="Voice id, e.g. 'luganda_female'.")
-    speaker_id: int | None = Field(None, description="Speaker id, e.g. 248; or give `voice`.")
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    max_tokens: int = Field(2048, ge=1, description="Semantic-token budget per sentence.")
+    text: Text = Field(description="Text to speak; split into sentences server-side.")
+    voice: Text | None = Field(None, description="Voice id, e.g. 'luganda_female'.")
+    speaker_id: StrictInt | None = Field(None, description="Speaker id, e.g. 248; or give `voice`.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, strict=True)
+    max_tokens: StrictInt | None = Field(None, ge=1, description=DEFAULT_MAX_TOKENS_DOC)
 
 
 class WebSocketSpeechMessage(BaseModel):
@@ -29,13 +55,13 @@ class WebSocketSpeechMessage(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    input: str = ""
-    voice: str | None = None
-    speaker_id: int | None = None
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    max_tokens: int = Field(2048, ge=1)
-    segment_id: str | int | None = None
-    continue_: bool = Field(True, alias="continue")
+    input: Text = ""
+    voice: Text | None = None
+    speaker_id: StrictInt | None = None
+    temperature: float = Field(0.7, ge=0.0, le=2.0, strict=True)
+    max_tokens: StrictInt | None = Field(None, ge=1, description=DEFAULT_MAX_TOKENS_DOC)
+    segment_id: SegmentId | None = None
+    continue_: bool = Field(True, alias="continue", strict=True)
 
 
 class StartMessage(BaseModel):
@@ -105,12 +131,12 @@ class OpenAISpeechRequest(BaseModel):
         description="Accepted and not checked: the gateway serves one model (see GET /v1/models; "
         "'tts-1' and 'tts-1-hd' are aliases of it).",
     )
-    input: str = Field(
+    input: Text = Field(
         min_length=1,
         max_length=OPENAI_MAX_INPUT_CHARS,
         description="Text to speak, at most 4096 characters; split into sentences server-side.",
     )
-    voice: str | None = Field(
+    voice: Text | None = Field(
         None,
         description="A voice id of GET /v1/audio/voices (also as {'id': ...}). OpenAI's built-in "
         "names (alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, shimmer, verse, marin, "
@@ -133,14 +159,16 @@ class OpenAISpeechRequest(BaseModel):
         description="audio: the file's bytes. sse: server-sent events "
         "speech.audio.delta {audio: base64 of the file's next bytes} then speech.audio.done.",
     )
-    sample_rate: int | None = Field(
+    sample_rate: StrictInt | None = Field(
         None,
         gt=0,
         description="Output sample rate (extension): 8000, 11025, 12000, 16000, 22050, 24000, "
         "32000, 44100 or 48000 (opus: 8000, 12000, 16000, 24000, 48000). Default 24000, as "
         "OpenAI's; 16000 is the model's own rate (no resampling).",
     )
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (extension).")
+    temperature: float = Field(
+        0.7, ge=0.0, le=2.0, strict=True, description="Sampling temperature (extension)."
+    )
 
     @field_validator("voice", mode="before")
     @classmethod

@@ -9,8 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Sentence-sized segments are what the fine-tunes were trained on; a segment of
+# 1000 characters is already over a minute of speech.
+MAX_SEGMENT_CHARS_BOUND = 1000
+# Speech runs at about 15 characters and 50 semantic tokens per second: a segment
+# needs about 3.3 tokens per character, and MAX_TOKENS_LIMIT must allow that.
+MIN_TOKENS_PER_CHAR = 3
+# The longest chunk is 1 s of audio (50 tokens): a client reading at playback speed
+# may take that long to make room for one send, so the send deadline must be longer.
+MIN_SLOW_CLIENT_TIMEOUT_S = 2.0
+# UTF-8 takes up to 4 bytes per character; the rest of a request's JSON is small.
+MAX_BYTES_PER_CHAR, JSON_OVERHEAD_BYTES = 4, 1024
+
+
+class SettingsConflict(ValueError):
+    """Settings that are valid one by one but contradict each other."""
 
 
 class Settings(BaseSettings):
@@ -55,15 +71,18 @@ class Settings(BaseSettings):
 
     # Limits
     max_text_chars: int = Field(5000, ge=1)
-    max_segment_chars: int = Field(300, ge=20)
+    max_segment_chars: int = Field(300, ge=20, le=MAX_SEGMENT_CHARS_BOUND)
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     max_concurrent_streams: int = Field(64, ge=1)
     segment_lookahead: int = Field(2, ge=1, description="segments generated ahead of playback")
 
     # Backpressure: audio chunks buffered per segment for a client that reads slowly,
-    # and how long a client may take no audio before its request is cut off
+    # and how long one send to a client may wait (its receive window closed) before
+    # the request is cut off. Only time blocked in a send counts: waiting for the LLM
+    # or the decoder is the server's delay, never the client's.
     stream_buffer_chunks: int = Field(8, ge=1)
-    slow_client_timeout_s: float = Field(60.0, gt=0)
+    slow_client_timeout_s: float = Field(60.0, ge=MIN_SLOW_CLIENT_TIMEOUT_S)
+    max_request_body_bytes: int = Field(65536, ge=1024, description="larger HTTP bodies: 413")
 
     # Security
     gateway_api_key: str | None = None  # unset: no authentication
@@ -79,3 +98,34 @@ class Settings(BaseSettings):
     ws_auth_timeout_s: float = Field(10.0, gt=0, description="wait for a first auth message")
 
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        """Check the settings against each other at start-up, naming the variables."""
+        problems = []
+        if self.max_segment_chars > self.max_text_chars:
+            problems.append(
+                f"MAX_SEGMENT_CHARS={self.max_segment_chars} is over "
+                f"MAX_TEXT_CHARS={self.max_text_chars}"
+            )
+        needed = MIN_TOKENS_PER_CHAR * self.max_segment_chars
+        if self.max_tokens_limit < needed:
+            problems.append(
+                f"MAX_TOKENS_LIMIT={self.max_tokens_limit} cannot hold the speech of a "
+                f"MAX_SEGMENT_CHARS={self.max_segment_chars} segment (about "
+                f"{MIN_TOKENS_PER_CHAR} tokens per character: at least {needed}); raise "
+                "MAX_TOKENS_LIMIT or lower MAX_SEGMENT_CHARS"
+            )
+        largest_text = MAX_BYTES_PER_CHAR * self.max_text_chars + JSON_OVERHEAD_BYTES
+        for name, value in (
+            ("MAX_REQUEST_BODY_BYTES", self.max_request_body_bytes),
+            ("WS_MAX_MESSAGE_BYTES", self.ws_max_message_bytes),
+        ):
+            if value < largest_text:
+                problems.append(
+                    f"{name}={value} cannot carry a text of MAX_TEXT_CHARS="
+                    f"{self.max_text_chars} characters (up to {largest_text} bytes as JSON)"
+                )
+        if problems:
+            raise SettingsConflict("settings contradict each other: " + "; ".join(problems))
+        return self

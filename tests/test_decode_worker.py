@@ -7,10 +7,11 @@ import time
 
 import pytest
 import torch
-from support.gateway_server import GOLDEN_BICODEC
 
 from decoder_gateway.codec import Span, load_decoder
 from decoder_gateway.decode_worker import DecodeWorker
+from decoder_gateway.errors import DecoderError
+from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +81,34 @@ async def test_a_failing_batch_fails_its_callers_not_the_worker(decoder):
     worker.start()
     try:
         bad = Span(torch.tensor([1, 2, 3]), torch.zeros(32, dtype=torch.long), 2, 9)
-        with pytest.raises(ValueError, match="outside"):
+        # Typed for the transports (500, decoder_error), with what torch raised.
+        with pytest.raises(DecoderError, match=r"ValueError: span .* outside") as caught:
             await worker.decode([bad])
+        assert caught.value.status == 500 and caught.value.code == "decoder_error"
         (audio,) = await worker.decode([span(decoder, 5, 0)])
         assert audio.shape == (5 * 320,)
+        assert worker.problem() is None
+    finally:
+        await worker.close()
+
+
+async def test_a_dead_worker_is_reported_and_fails_its_callers(decoder, monkeypatch):
+    """A bug in the worker loop itself: /health's problem() says so, queued and later
+    callers get a DecoderError instead of waiting forever."""
+    worker = DecodeWorker(decoder)
+
+    async def broken_serve() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("worker bug")
+
+    monkeypatch.setattr(worker, "_serve", broken_serve)
+    worker.start()
+    try:
+        with pytest.raises(DecoderError, match="stopped"):
+            await worker.decode([span(decoder, 5, 0)])  # queued when the worker dies
+        problem = worker.problem()
+        assert problem is not None and "worker bug" in problem
+        with pytest.raises(DecoderError, match="stopped"):
+            await worker.decode([span(decoder, 5, 0)])
     finally:
         await worker.close()

@@ -14,10 +14,10 @@ import numpy as np
 import openai
 import pytest
 import requests
-from support.standin_llm import expected_semantic_tokens
 
 from decoder_gateway.encoders import resampled_length
 from decoder_gateway.prompt import speaker_prompt
+from decoder_gateway.testing.standin_llm import expected_semantic_tokens
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
 
@@ -365,7 +365,7 @@ def test_unknown_voice_is_400_listing_the_voices(client, llm):
     [
         ({"input": "x" * 4097}, "input", "4096"),
         ({"input": ""}, "input", "at least 1"),
-        ({"input": "  \n "}, "input", "text is empty"),
+        ({"input": "  \n "}, "input", "input is empty"),
         ({"response_format": "ogg"}, "response_format", "'mp3', 'opus', 'aac'"),
         ({"speed": 4.5}, "speed", "less than or equal to 4"),
         ({"speed": 0.1}, "speed", "greater than or equal to 0.25"),

@@ -12,15 +12,14 @@ import httpx
 import pytest
 import requests
 import websockets
-from support.gateway_server import GOLDEN_BICODEC
+from decoder_gateway.serving import SpeechService
 
 from decoder_gateway.codec import load_decoder
 from decoder_gateway.decode_worker import DecodeWorker
-from decoder_gateway.errors import SlowClient
 from decoder_gateway.llm import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.settings import Settings
-from decoder_gateway.synthesis import Synthesizer
+from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
 from decoder_gateway.voices import VoiceCatalog
 
 TEXT = "Oli otya? Nze bulungi nnyo."
@@ -246,10 +245,12 @@ def test_cors_is_configurable(make_gateway, llm, gateway):
 # -- backpressure ----------------------------------------------------------------
 
 
-async def test_a_client_that_stops_reading_is_bounded_then_cut_off(standin_server):
-    """In process, through the Synthesizer's own stream: a consumer that takes one
-    chunk and stops holds at most the bounded buffer; after the slow-client timeout
-    the request ends with an error and the upstream request is aborted."""
+async def test_a_consumer_that_stops_pulling_is_bounded_and_closing_aborts_upstream_first(
+    standin_server,
+):
+    """In process, through the serving layer's own stream: a consumer that takes one
+    chunk and stops holds at most the bounded buffer (generation pauses); closing the
+    stream aborts the upstream request before the slot is freed."""
     llm_server = standin_server
     llm_server.reset()
     llm_server.control(tokens_per_s=200, tokens_per_segment=2000)  # 10 s to write
@@ -257,20 +258,29 @@ async def test_a_client_that_stops_reading_is_bounded_then_cut_off(standin_serve
         llm_base_url=llm_server.base_url,
         model_name="spark-tts",
         stream_buffer_chunks=2,
-        slow_client_timeout_s=1.5,
         segment_lookahead=1,
     )
     decoder = load_decoder(GOLDEN_BICODEC)
     metrics = Metrics()
-    llm = LLMClient(settings.llm_base_url, "EMPTY", settings.model_name)
+    llm = LLMClient(
+        settings.llm_base_url, "EMPTY", settings.model_name, on_abort=metrics.upstream_aborts.inc
+    )
     worker = DecodeWorker(decoder, metrics=metrics)
     worker.start()
-    synthesizer = Synthesizer(settings, llm, worker, VoiceCatalog.load(), metrics)
+    service = SpeechService(settings, llm, worker, VoiceCatalog.load(), metrics)
     long_text = "Oli otya leero mukwano gwange wange nnyo?"
-    job = synthesizer.prepare(long_text, max_tokens=4096)
-    audio = synthesizer.stream(job)
+    job = await service.prepare(long_text, max_tokens=4096)
+    stream = await service.open(job, "stream")
+    slot_freed_after_abort: list[bool] = []
+    release = service.slots.release
+
+    def record_release() -> None:
+        slot_freed_after_abort.append(metrics.upstream_aborts._value.get() == 1)
+        release()
+
+    service.slots.release = record_release  # type: ignore[method-assign]
     try:
-        await anext(audio)
+        await anext(stream.audio())
         await asyncio.sleep(0.5)
         # Generation paused: the upstream request is still open, the buffer is full.
         stats = await llm_server.astats()
@@ -278,12 +288,13 @@ async def test_a_client_that_stops_reading_is_bounded_then_cut_off(standin_serve
         decoded_while_paused = worker.spans_decoded
         await asyncio.sleep(0.5)
         assert worker.spans_decoded == decoded_while_paused  # nothing more decoded
-        with pytest.raises(SlowClient, match="took no audio"):
-            async for _ in audio:
-                await asyncio.sleep(3)  # one more chunk taken, then the client stalls again
+        assert service.slots.active == 1
+        await stream.aclose()
+        assert slot_freed_after_abort == [True]
+        assert service.slots.active == 0
         stats = await llm_server.await_for(lambda s: s["running"] == 0, 10)
         assert stats["aborted"] == 1
     finally:
-        await audio.aclose()
+        await stream.aclose()
         await worker.close()
         await llm.close()

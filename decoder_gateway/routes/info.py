@@ -19,9 +19,9 @@ async def list_voices(request: Request) -> VoiceList:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 when the decoder is loaded and vLLM answers; 503 with the reason otherwise."""
+    """200 when the decode worker runs and vLLM answers; 503 with the reason otherwise."""
     gateway = request.app.state.gateway  # set before the port opens: the decoder is loaded
-    reason = await gateway.llm.health()
+    reason = gateway.worker.problem() or await gateway.llm.health()
     if reason is None and not gateway.llm.token_map_checked:
         try:
             await gateway.llm.check_token_map()
@@ -64,7 +64,7 @@ async def server_info(request: Request) -> dict:
             "WS /v1/audio/speech/stream/ws": "JSON {input, voice, speaker_id, temperature, "
             "segment_id, continue} -> start, binary PCM frames, end",
             "GET /v1/voices": "the voices",
-            "GET /health": "200 when the decoder is loaded and vLLM answers",
+            "GET /health": "200 when the decode worker runs and vLLM answers",
         },
         "examples": {
             "curl": f"curl -sN {base}/v1/audio/speech/stream -H 'Content-Type: application/json' "

@@ -33,24 +33,22 @@ from fastapi.responses import Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 
 from ..encoders import DEFAULT_SAMPLE_RATE, FORMATS, AudioPipeline
-from ..errors import GatewayError, InvalidRequest, StreamAborted, VoiceNotFound
+from ..errors import InvalidRequest, StreamAborted, VoiceNotFound
 from ..protocol import (
     AudioModelList,
     AudioVoiceInfo,
     AudioVoiceList,
-    ErrorDetail,
     ErrorResponse,
     ModelCard,
     ModelList,
     OpenAISpeechRequest,
     SpeechAudioDelta,
     SpeechAudioDone,
-    SpeechStreamError,
     SpeechUsage,
 )
 from ..voices import Voice, VoiceCatalog
-from .errors import error_response
-from .streaming import first_audio
+from .errors import as_gateway_error, sse_error_event
+from .streaming import SpeechResponse, start_stream
 
 router = APIRouter(tags=["OpenAI compatible"])
 logger = logging.getLogger(__name__)
@@ -76,7 +74,9 @@ OPENAI_VOICES = frozenset(
 _STARTED = int(time.time())
 _ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "Invalid request; `param` names the field"},
+    413: {"model": ErrorResponse, "description": "Body over MAX_REQUEST_BODY_BYTES"},
     429: {"model": ErrorResponse, "description": "Too many concurrent streams"},
+    500: {"model": ErrorResponse, "description": "The decoder failed (decoder_error)"},
     502: {"model": ErrorResponse, "description": "The LLM failed or wrote no speech"},
     503: {"model": ErrorResponse, "description": "The LLM is unreachable or not ready"},
 }
@@ -91,7 +91,8 @@ def resolve_voice(voices: VoiceCatalog, name: str | None) -> Voice:
     except VoiceNotFound as err:
         raise VoiceNotFound(
             f"{err.message}; OpenAI's voice names ({', '.join(sorted(OPENAI_VOICES))}) "
-            f"speak with the default voice, {voices.default_voice}"
+            f"speak with the default voice, {voices.default_voice}",
+            "voice",
         ) from None
 
 
@@ -157,63 +158,48 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
     """OpenAI's speech endpoint. ``instructions`` is accepted and ignored; ``model`` is
     not checked (one model is served); ``sample_rate`` and ``temperature`` are extensions."""
     gateway = request.app.state.gateway
+    service = gateway.speech
     fmt = FORMATS[body.response_format]
     rate = body.sample_rate or DEFAULT_SAMPLE_RATE
     if rate not in fmt.sample_rates:
-        return error_response(
-            400,
+        raise InvalidRequest(
             f"sample_rate {rate} is not available for {fmt.name}; use one of "
             f"{', '.join(map(str, fmt.sample_rates))}",
-            "invalid_request",
             "sample_rate",
         )
+    job = await service.prepare(
+        body.input,
+        temperature=body.temperature,
+        request_id=request.headers.get("x-request-id"),
+        text_param="input",
+        resolved_voice=resolve_voice(gateway.voices, body.voice),
+    )
+    stream, first = await start_stream(service, job, "openai", request)
     try:
-        voice = resolve_voice(gateway.voices, body.voice)
-    except VoiceNotFound as err:
-        return error_response(err.status, err.message, err.code, "voice")
-    synthesizer = gateway.synthesizer
-    try:
-        job = synthesizer.prepare(
-            body.input,
-            voice.id,
-            temperature=body.temperature,
-            request_id=request.headers.get("x-request-id"),
-        )
-    except InvalidRequest as err:  # the text: empty once normalized, or over MAX_TEXT_CHARS
-        return error_response(err.status, err.message, err.code, "input")
-
-    # The stream takes a slot (429 past the limit) and logs / counts how it ends.
-    audio = synthesizer.stream(job, endpoint="openai")
-    first = await first_audio(request, audio)
-    try:
-        pipeline = AudioPipeline(fmt.name, synthesizer.sample_rate, rate, body.speed)
-    except BaseException:
-        await audio.aclose()
+        pipeline = AudioPipeline(fmt.name, service.sample_rate, rate, body.speed)
+    except BaseException as err:
+        await stream.aclose(err)
         raise
 
     async def encoded() -> AsyncIterator[bytes]:
         """The file's bytes, chunk by chunk; encoding runs in a worker thread."""
         try:
-            data = await asyncio.to_thread(pipeline.push, first)
+            data = await asyncio.to_thread(pipeline.push, first.samples)
             if data:
                 yield data
-            async for chunk in audio:
-                data = await asyncio.to_thread(pipeline.push, chunk)
+            async for audio in stream.audio():
+                data = await asyncio.to_thread(pipeline.push, audio.samples)
                 if data:
                     yield data
             data = await asyncio.to_thread(pipeline.finish)
             if data:
                 yield data
-        except GatewayError as err:  # the synthesizer logged it; cut the response
-            if body.stream_format == "sse":
-                raise  # events() turns it into an error event
-            raise StreamAborted(err.message) from err
-        except Exception:
-            logger.exception("request %s: %s encoding failed", job.request_id, fmt.name)
+        except Exception as err:
+            stream.fail(err)
             raise
         finally:
-            pipeline.close()
-            await audio.aclose()
+            # Flushing and closing a container can take milliseconds: not on the loop.
+            await asyncio.to_thread(pipeline.close)
 
     headers = {
         "X-Request-Id": job.request_id,
@@ -223,27 +209,29 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
     }
     if fmt.name in ("pcm", "wav"):
         headers["X-Bit-Depth"] = "16"
+    send_timeout = gateway.settings.slow_client_timeout_s
     if body.stream_format == "audio":
-        return StreamingResponse(encoded(), media_type=fmt.content_type, headers=headers)
+
+        async def audio_body() -> AsyncIterator[bytes]:
+            try:
+                async for data in encoded():
+                    yield data
+            except Exception as err:  # the stream has recorded it; cut the response
+                raise StreamAborted(as_gateway_error(err).message) from err
+
+        response = StreamingResponse(audio_body(), media_type=fmt.content_type, headers=headers)
+        return SpeechResponse(response, stream, send_timeout)
 
     hop = gateway.decoder.hop_length
 
     async def events() -> AsyncIterator[dict[str, str]]:
-        stream = encoded()
         try:
-            async for data in stream:
+            async for data in encoded():
                 delta = SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))
                 yield {"data": delta.model_dump_json()}
-        except GatewayError as err:
-            detail = ErrorDetail(
-                message=err.message,
-                type="invalid_request_error" if err.status < 500 else "server_error",
-                code=err.code,
-            )
-            yield {"data": SpeechStreamError(error=detail).model_dump_json()}
+        except Exception as err:  # after the first event: an error event, and no done
+            yield sse_error_event(err)
             return
-        finally:
-            await stream.aclose()
         tokens = pipeline.samples_in // hop
         usage = SpeechUsage(
             input_tokens=len(body.input),
@@ -254,4 +242,5 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
 
     # sse-starlette frames the events, sets X-Accel-Buffering: no (proxies pass events
     # on at once) and ends the stream when the client goes away.
-    return EventSourceResponse(events(), headers=headers, sep="\n")
+    response = EventSourceResponse(events(), headers=headers, sep="\n")
+    return SpeechResponse(response, stream, send_timeout)

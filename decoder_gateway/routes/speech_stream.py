@@ -1,9 +1,9 @@
 """POST /v1/audio/speech/stream: streamed PCM16 over HTTP.
 
-Errors found before the first audio are ordinary HTTP errors (4xx / 503 / 502).
-After the first byte the status is sent, so a failure aborts the response: the
-chunked body ends without its terminator, and the client sees an incomplete
-transfer rather than a short, clean file.
+Errors found before the first audio are ordinary HTTP errors (4xx / 5xx, OpenAI's
+error shape). After the first byte the status is sent, so a failure aborts the
+response: the chunked body ends without its terminator, and the client sees an
+incomplete transfer rather than a short, clean file.
 """
 
 from __future__ import annotations
@@ -16,9 +16,19 @@ from fastapi.responses import StreamingResponse
 from ..audio import to_pcm16
 from ..errors import GatewayError, StreamAborted
 from ..protocol import PCM_HEADERS, SpeechStreamRequest
-from .streaming import first_audio
+from ..serving import Audio, SpeechStream
+from .streaming import SpeechResponse, start_stream
 
 router = APIRouter()
+
+
+async def pcm_body(stream: SpeechStream, first: Audio) -> AsyncIterator[bytes]:
+    try:
+        yield to_pcm16(first.samples)
+        async for audio in stream.audio():
+            yield to_pcm16(audio.samples)
+    except GatewayError as err:  # the stream has recorded it; cut the response
+        raise StreamAborted(err.message) from err
 
 
 @router.post(
@@ -26,9 +36,10 @@ router = APIRouter()
     response_class=StreamingResponse,
     responses={200: {"content": {"audio/pcm": {}}, "description": "PCM16 LE, 16 kHz, mono"}},
 )
-async def speech_stream(body: SpeechStreamRequest, request: Request) -> StreamingResponse:
-    synthesizer = request.app.state.gateway.synthesizer
-    job = synthesizer.prepare(
+async def speech_stream(body: SpeechStreamRequest, request: Request) -> SpeechResponse:
+    gateway = request.app.state.gateway
+    service = gateway.speech
+    job = await service.prepare(
         body.text,
         body.voice,
         body.speaker_id,
@@ -36,18 +47,7 @@ async def speech_stream(body: SpeechStreamRequest, request: Request) -> Streamin
         body.max_tokens,
         request_id=request.headers.get("x-request-id"),
     )
-    audio = synthesizer.stream(job, endpoint="stream")
-    first = await first_audio(request, audio)
-
-    async def pcm() -> AsyncIterator[bytes]:
-        try:
-            yield to_pcm16(first)
-            async for chunk in audio:
-                yield to_pcm16(chunk)
-        except GatewayError as err:  # the synthesizer logged it; cut the response
-            raise StreamAborted(err.message) from err
-        finally:
-            await audio.aclose()
-
+    stream, first = await start_stream(service, job, "stream", request)
     headers = {**PCM_HEADERS, "X-Request-Id": job.request_id}
-    return StreamingResponse(pcm(), media_type="audio/pcm", headers=headers)
+    response = StreamingResponse(pcm_body(stream, first), media_type="audio/pcm", headers=headers)
+    return SpeechResponse(response, stream, gateway.settings.slow_client_timeout_s)

@@ -1,0 +1,94 @@
+"""ASGI middleware that guards the server before any route runs: a bounded HTTP
+body, and WebSocket handshakes only from allowed origins."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .routes.errors import error_response
+
+
+class BodySizeLimit:
+    """413 for an HTTP body over ``max_bytes``, before any of it is parsed.
+
+    A declared ``Content-Length`` over the limit is refused at once; a chunked body is
+    read (at most the limit, never all of it) and refused when it passes the limit. An
+    accepted body is replayed to the app, so a route still sees the whole stream of
+    ASGI messages (and the client's disconnect after it).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send, f"{declared} bytes")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away first
+                replay = [message]
+                break
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send, f"over {self.max_bytes} bytes")
+                return
+            if not message.get("more_body", False):
+                replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+                break
+
+        async def replaying_receive() -> Message:
+            return replay.pop(0) if replay else await receive()
+
+        await self.app(scope, replaying_receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+        response = error_response(
+            413,
+            f"the request body ({size}) is over the limit of {self.max_bytes} bytes "
+            "(MAX_REQUEST_BODY_BYTES)",
+            "request_too_large",
+        )
+        # The rest of the body is not read: close the connection rather than drain it.
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class WebSocketOriginCheck:
+    """Refuse (HTTP 403) a WebSocket handshake whose ``Origin`` is not allowed.
+
+    Browsers send an Origin with every handshake and do not apply CORS to WebSockets,
+    so without this check any web page could use the server through its visitors'
+    browsers. Clients that are not browsers send no Origin and are let through.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.allowed = {origin.rstrip("/").lower() for origin in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and "*" not in self.allowed:
+            origin = dict(scope["headers"]).get(b"origin")
+            if origin is not None and origin.decode("latin-1").rstrip("/").lower() not in (
+                self.allowed
+            ):
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
+                return
+        await self.app(scope, receive, send)

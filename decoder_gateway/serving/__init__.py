@@ -1,0 +1,21 @@
+"""The serving layer: one place that turns a request into events.
+
+``speech``: validation and the stream of a request; ``admission``: slots and
+accounting; ``scheduler``: segments ahead of playback, in order; ``segment``: one
+segment's LLM -> codec loop; ``events``: what transports adapt to their wire.
+"""
+
+from .events import Audio, SegmentEnd, SegmentStart, SpeechEvent
+from .job import SpeechJob, new_request_id
+from .speech import SpeechService, SpeechStream
+
+__all__ = [
+    "Audio",
+    "SegmentEnd",
+    "SegmentStart",
+    "SpeechEvent",
+    "SpeechJob",
+    "SpeechService",
+    "SpeechStream",
+    "new_request_id",
+]

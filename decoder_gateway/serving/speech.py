@@ -1,0 +1,200 @@
+"""The serving layer's entry: a request becomes a :class:`SpeechJob`, then a
+:class:`SpeechStream` of events that a transport adapts to its wire format.
+
+Every transport does the same three things::
+
+    job = await service.prepare(text, voice, ...)        # InvalidRequest / VoiceNotFound
+    stream = await service.open(job, endpoint)           # Overloaded past the limit
+    try:
+        async for event in stream: ...                   # GatewayError on failure
+    finally:
+        await stream.aclose(cause)                       # upstream aborted, then the slot freed
+
+Anything unexpected below is raised as a typed error (``InternalError``,
+``DecoderError``), so a transport has one family of errors to convert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from ..decode_worker import DecodeWorker
+from ..errors import GatewayError, InternalError, InvalidRequest
+from ..llm import LLMClient
+from ..metrics import Metrics
+from ..prompt import find_markup
+from ..settings import Settings
+from ..text import normalize_text, split_segments
+from ..voices import Voice, VoiceCatalog
+from .admission import Admission, StreamSlots
+from .events import Audio, SpeechEvent
+from .job import SpeechJob, new_request_id
+from .scheduler import SegmentScheduler
+from .segment import SegmentSynthesis
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 2048
+# Texts longer than this are split in a worker thread: splitting is pure Python and
+# would hold the event loop (and every other stream) for milliseconds.
+_SPLIT_INLINE_CHARS = 400
+
+
+class SpeechService:
+    """Shared by every endpoint; built once per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        llm: LLMClient,
+        worker: DecodeWorker,
+        voices: VoiceCatalog,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.voices = voices
+        self.metrics = metrics
+        self.worker = worker
+        self.slots = StreamSlots(settings.max_concurrent_streams)
+        self.sample_rate = worker.decoder.sample_rate
+        self.synthesis = SegmentSynthesis(settings, llm, worker, metrics)
+        # A request that gives no max_tokens gets the default, within the limit.
+        self.default_max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_tokens_limit)
+
+    async def prepare(
+        self,
+        text: str,
+        voice: str | None = None,
+        speaker_id: int | None = None,
+        temperature: float = 0.7,
+        max_tokens: int | None = None,
+        request_id: str | None = None,
+        *,
+        text_param: str = "text",
+        resolved_voice: Voice | None = None,
+    ) -> SpeechJob:
+        """Validate a request; raises InvalidRequest / VoiceNotFound naming the field."""
+        limit = self.settings.max_text_chars
+        if len(text) > limit:
+            raise InvalidRequest(
+                f"{text_param} has {len(text)} characters; the limit is {limit}", text_param
+            )
+        if not normalize_text(text):
+            raise InvalidRequest(f"{text_param} is empty", text_param)
+        if len(text) > _SPLIT_INLINE_CHARS:
+            segments = await asyncio.to_thread(self._split, text)
+        else:
+            segments = self._split(text)
+        if not segments:  # only punctuation or symbols
+            raise InvalidRequest(f"{text_param} has nothing to speak", text_param)
+        for segment in segments:
+            if markup := find_markup(segment):
+                raise InvalidRequest(
+                    f"{text_param} holds {markup!r}, markup of the model's prompt format; "
+                    "text with such markup is refused, not spoken",
+                    text_param,
+                )
+        if not 0.0 <= temperature <= 2.0:
+            raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", "temperature")
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.settings.max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}",
+                "max_tokens",
+            )
+        voice_entry = resolved_voice or self.voices.resolve(voice, speaker_id)
+        return SpeechJob(
+            text, segments, voice_entry, temperature, max_tokens, new_request_id(request_id)
+        )
+
+    def _split(self, text: str) -> tuple[str, ...]:
+        return tuple(split_segments(text, max_chars=self.settings.max_segment_chars))
+
+    async def open(self, job: SpeechJob, endpoint: str) -> SpeechStream:
+        """Admit the job (Overloaded past the limit) and start its segments."""
+        admission = Admission(
+            self.slots, self.metrics, job.request_id, endpoint, self.sample_rate, job.accepted_at
+        )
+        await admission.__aenter__()
+        logger.info(
+            "request %s: %s, voice %s, %d characters",
+            job.request_id,
+            endpoint,
+            job.voice.id,
+            len(job.text),
+            extra={"request_id": job.request_id, "endpoint": endpoint},
+        )
+        scheduler = SegmentScheduler(
+            job,
+            self.synthesis,
+            self.metrics,
+            self.settings.segment_lookahead,
+            self.settings.stream_buffer_chunks,
+            self.sample_rate,
+        )
+        return SpeechStream(job, admission, scheduler)
+
+
+class SpeechStream:
+    """The events of one admitted request. Its transport must :meth:`aclose` it."""
+
+    def __init__(self, job: SpeechJob, admission: Admission, scheduler: SegmentScheduler) -> None:
+        self.job = job
+        self.admission = admission
+        self._scheduler = scheduler
+        self._events = scheduler.events()
+        self._error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def samples(self) -> int:
+        """Samples handed to the transport so far."""
+        return self.admission.samples
+
+    def __aiter__(self) -> AsyncIterator[SpeechEvent]:
+        return self
+
+    async def __anext__(self) -> SpeechEvent:
+        try:
+            event = await anext(self._events)
+        except StopAsyncIteration:
+            self.admission.completed = True
+            raise
+        except GatewayError as err:
+            self._error = err
+            raise
+        except Exception as err:
+            logger.error("request %s failed", self.job.request_id, exc_info=err)
+            self._error = InternalError(f"internal error: {type(err).__name__}")
+            raise self._error from err
+        if isinstance(event, Audio):
+            self.admission.audio(event.samples.shape[0])
+        return event
+
+    async def audio(self) -> AsyncIterator[Audio]:
+        """Only the audio events, for transports that send nothing else."""
+        async for event in self:
+            if isinstance(event, Audio):
+                yield event
+
+    def fail(self, err: BaseException) -> None:
+        """Record a failure of the transport's own (an encoder's): the request's outcome."""
+        if self._error is None:
+            self._error = err
+
+    async def aclose(self, cause: BaseException | None = None) -> None:
+        """Stop: abort every upstream request, then free the slot and record the outcome.
+
+        ``cause`` is why the transport stopped (SlowClient, ClientGone...); without one,
+        the error the stream raised, if any, decides the outcome.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._events.aclose()
+            await self._scheduler.close()
+        finally:
+            self.admission.finish(cause or self._error)
