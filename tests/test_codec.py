@@ -1,10 +1,9 @@
 """The BiCodec decoder against the reference outputs, the real checkpoint's layout,
-and its own full decode (batching, streaming)."""
+and its own full decode (batching, spans); streaming is in test_codec_streaming.py."""
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from decoder_gateway.codec import (
     BiCodecConfig,
     BiCodecDecoder,
     CheckpointError,
-    StreamingConfig,
+    Span,
     checkpoint_layout,
     load_decoder,
     resolve_bicodec_dir,
@@ -263,106 +262,20 @@ def test_batch_of_different_lengths_and_voices_equals_single_decodes(decoder, ca
         assert (audio - single).abs().max() <= 1e-5
 
 
-# -- streaming -----------------------------------------------------------------
-
-
-def _stream(decoder, semantic, global_tokens, config, max_push, seed=0):
-    session = decoder.stream(global_tokens, config)
-    rng = random.Random(seed)
-    chunks, position, first_audio_at = [], 0, None
-    while position < len(semantic):
-        size = rng.randint(1, max_push)
-        session.push(semantic[position : position + size])
-        position += size
-        ready = session.decode_ready()
-        if ready and first_audio_at is None:
-            first_audio_at = position
-        chunks += ready
-    session.finish()
-    chunks += session.decode_ready()
-    assert session.done
-    return chunks, first_audio_at
-
-
-def test_stream_with_full_lookahead_is_exact(decoder, cases):
+def test_spans_equal_their_slices_of_the_full_decode(decoder, cases):
+    """Spans at the start, in the middle (windows clipped to the receptive field) and
+    at the end of a sequence, batched with a whole one."""
     c = cases[2]
-    full = decoder.decode(c["semantic"][0], c["global"][0, 0])
-    config = StreamingConfig(first_lookahead_tokens=67)
-    chunks, _ = _stream(decoder, c["semantic"][0], c["global"][0, 0], config, max_push=5)
-    assert len(chunks) > 3
-    assert (torch.cat(chunks) - full).abs().max() <= 1e-5
-
-
-@pytest.mark.parametrize("max_push", [1, 4, 25])
-def test_default_stream_starts_early_keeps_length_and_ends_exact(decoder, cases, max_push):
-    c = cases[2]
-    semantic, global_tokens = c["semantic"][0], c["global"][0, 0]
-    full = decoder.decode(semantic, global_tokens)
-    chunks, first_audio_at = _stream(decoder, semantic, global_tokens, StreamingConfig(), max_push)
-    streamed = torch.cat(chunks)
-    assert streamed.shape == full.shape  # no sample twice, none dropped
-    if max_push == 1:
-        assert first_audio_at == 14  # first chunk 10 tokens + 4 look-ahead
-    assert snr_db(full, streamed) > 20
-    # From where look-ahead reaches the receptive field on, the stream is exact: the end.
-    tail = 320 * 40
-    assert (streamed[-tail:] - full[-tail:]).abs().max() <= 1e-5
-
-
-def test_stream_is_independent_of_arrival_pattern(decoder, cases):
-    c = cases[1]
-    args = (c["semantic"][0], c["global"][0, 0], StreamingConfig())
-    one = torch.cat(_stream(decoder, *args, max_push=1)[0])
-    many = torch.cat(_stream(decoder, *args, max_push=9, seed=3)[0])
-    assert torch.equal(one, many)
-
-
-def test_stream_shorter_than_first_chunk(decoder, cases):
-    c = cases[0]
-    semantic = c["semantic"][0][:3]
-    chunks, _ = _stream(decoder, semantic, c["global"][0, 0], StreamingConfig(), 1)
-    full = decoder.decode(semantic, c["global"][0, 0])
-    assert (torch.cat(chunks) - full).abs().max() <= 1e-5
-
-
-def test_stream_rejects_bad_tokens_and_misuse(decoder, cases):
-    session = decoder.stream(cases[0]["global"][0, 0])
-    with pytest.raises(ValueError, match="outside"):
-        session.push([8192])
-    with pytest.raises(ValueError, match="empty"):
-        session.finish()
-    session.push([1, 2])
-    session.finish()
-    with pytest.raises(RuntimeError):
-        session.push([3])
-    with pytest.raises(ValueError, match="32 global tokens"):
-        decoder.stream([1, 2, 3])
-
-
-def test_streams_of_several_sessions_batch_together(decoder, cases):
-    """Chunks planned by different sessions decode in one batch, as the gateway does."""
-    sessions = [decoder.stream(c["global"][0, 0]) for c in cases]
-    outputs: list[list[torch.Tensor]] = [[] for _ in cases]
-    longest = max(c["semantic"].shape[1] for c in cases)
-    for position in range(0, longest + 1, 3):
-        planned = []
-        for i, (session, c) in enumerate(zip(sessions, cases, strict=True)):
-            tokens = c["semantic"][0]
-            if position < len(tokens):
-                session.push(tokens[position : position + 3])
-            elif not session.finished:
-                session.finish()
-            planned += [(i, chunk) for chunk in session.plan()]
-        audio = decoder.decode_spans([chunk.span for _, chunk in planned])
-        for (i, chunk), samples in zip(planned, audio, strict=True):
-            outputs[i].append(sessions[i].complete(chunk, samples))
-    for session, c, out in zip(sessions, cases, outputs, strict=True):
-        if not session.done:
-            session.finish()
-            out += session.decode_ready()
-        solo = torch.cat(_stream(decoder, c["semantic"][0], c["global"][0, 0], None, 3)[0])
-        assert torch.cat(out).shape == solo.shape
-        assert (torch.cat(out) - solo).abs().max() <= 1e-5
+    semantic = torch.from_numpy(c["semantic"][0]).long()
+    voice = torch.from_numpy(c["global"][0, 0]).long()
+    full = decoder.decode(semantic, voice)
+    length = semantic.numel()
+    assert length > 2 * decoder.receptive_field + 20  # so that the middle span is clipped
+    bounds = [(0, 5), (length // 2 - 7, length // 2 + 3), (length - 9, length), (0, length)]
+    audio = decoder.decode_spans([Span(semantic, voice, a, b) for a, b in bounds])
+    for (a, b), samples in zip(bounds, audio, strict=True):
+        assert samples.shape == (320 * (b - a),)
+        assert (samples - full[320 * a : 320 * b]).abs().max() <= 1e-5
 
 
 # -- dtypes --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """BiCodec detokenizer, decode path only: ``load_decoder(path, device)`` is the entry point."""
 
-from .bicodec import BiCodecDecoder, Span
+from .bicodec import BiCodecDecoder
 from .config import BiCodecConfig
 from .loading import (
     CheckpointError,
@@ -9,6 +9,7 @@ from .loading import (
     load_decoder,
     resolve_bicodec_dir,
 )
+from .spans import Span, decode_spans
 from .streaming import PlannedChunk, StreamingConfig, StreamingSession
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "StreamingConfig",
     "StreamingSession",
     "checkpoint_layout",
+    "decode_spans",
     "load_decoder",
     "resolve_bicodec_dir",
 ]

@@ -4,18 +4,15 @@ Module names mirror the released checkpoint (``quantizer``, ``speaker_encoder``,
 ``prenet``, ``decoder``) so its keys load unchanged; the encoder, ECAPA speaker
 encoder, perceiver, postnet and mel front end are never built.
 
-Every decode goes through :meth:`BiCodecDecoder.decode_spans`: a *span* asks for the
-audio of tokens ``[start, end)`` of a token sequence, exactly as a full decode of
-that sequence would give it. Full decodes, batches and streaming chunks are all
-lists of spans, so there is one code path to get right and to batch.
+The model runs on windows of tokens (:meth:`BiCodecDecoder.features`, then
+:meth:`BiCodecDecoder.waveform`); which windows to run for the audio asked for is
+:mod:`.spans`' business, and every decode goes through it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,9 +27,7 @@ from .layers import (
     WNConv1d,
     apply_mask,
 )
-
-if TYPE_CHECKING:
-    from .streaming import StreamingConfig, StreamingSession
+from .spans import Span, decode_spans
 
 TokenInput = Sequence[int] | np.ndarray | Tensor
 
@@ -135,14 +130,8 @@ class WaveGenerator(nn.Module):
         return tanh(last(apply_mask(snake(x), mask)))
 
 
-@dataclass(frozen=True)
-class Span:
-    """Audio of tokens ``[start, end)`` of ``semantic``, as a full decode of it gives it."""
-
-    semantic: Tensor  # (T,) int64, already validated
-    global_tokens: Tensor  # (32,) int64, already validated
-    start: int
-    end: int
+# The receptive field is counted here, next to the convs whose kernels it counts; span
+# decoding (:mod:`.spans`) reads the totals off the model.
 
 
 def prenet_context_tokens(config: BiCodecConfig) -> int:
@@ -228,12 +217,24 @@ class BiCodecDecoder(nn.Module):
         _check_range(ids, self.config.speaker.codebook_size, "global token")
         return ids
 
+    # -- the model, on windows of tokens ------------------------------------------
+    def features(self, semantic: Tensor, global_tokens: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, T) semantic ids + (B, 32) global ids -> wave generator input (B, out_dim, T).
+
+        ``mask`` (B, 1, T) marks the tokens of each window in a right-padded batch.
+        """
+        d_vector = self.speaker_encoder(global_tokens)  # (B, D)
+        features = self.prenet(self.quantizer(semantic), d_vector, mask)  # (B, D, T)
+        return features + d_vector.unsqueeze(-1)
+
+    def waveform(self, features: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, D, T) generator input -> (B, hop * T) samples, in the model's dtype."""
+        return self.decoder(features, mask)[:, 0]
+
     # -- decoding -----------------------------------------------------------------
     def decode(self, semantic: TokenInput, global_tokens: TokenInput) -> Tensor:
         """Semantic (T,) + global (32,) ids -> float32 audio (hop * T,) on the CPU."""
-        ids = self.check_semantic(semantic)
-        span = Span(ids, self.check_global(global_tokens), 0, ids.numel())
-        return self.decode_spans([span])[0]
+        return self.decode_batch([(semantic, global_tokens)])[0]
 
     def decode_batch(self, items: Sequence[tuple[TokenInput, TokenInput]]) -> list[Tensor]:
         """Several (semantic, global) pairs of any lengths and voices in one forward pass."""
@@ -241,61 +242,11 @@ class BiCodecDecoder(nn.Module):
         for semantic, global_tokens in items:
             ids = self.check_semantic(semantic)
             spans.append(Span(ids, self.check_global(global_tokens), 0, ids.numel()))
-        return self.decode_spans(spans)
+        return decode_spans(self, spans)
 
-    def stream(
-        self, global_tokens: TokenInput, config: StreamingConfig | None = None
-    ) -> StreamingSession:
-        """A streaming session for one utterance (see :mod:`.streaming`)."""
-        from .streaming import StreamingSession  # imported late: streaming imports this module
-
-        return StreamingSession(self, global_tokens, config)
-
-    @torch.inference_mode()
     def decode_spans(self, spans: Sequence[Span]) -> list[Tensor]:
-        """Decode a batch of spans; each result is float32 (hop * (end - start),) on the CPU.
-
-        Only the context a span needs is computed: the prenet runs on the span ±67
-        tokens and the costly wave generator on the span ±10, both clipped to the
-        sequence, where zero padding is exactly what a full decode sees.
-        """
-        if not spans:
-            return []
-        hop, gen_ctx, full_ctx = self.hop_length, self.generator_context, self.receptive_field
-        device = self.device
-        prenet_windows, gen_windows = [], []
-        for span in spans:
-            length = span.semantic.numel()
-            if not 0 <= span.start < span.end <= length:
-                raise ValueError(f"span [{span.start}, {span.end}) outside 0..{length}")
-            prenet_windows.append((max(0, span.start - full_ctx), min(length, span.end + full_ctx)))
-            gen_windows.append((max(0, span.start - gen_ctx), min(length, span.end + gen_ctx)))
-
-        semantic, prenet_mask = _pad_batch(
-            [s.semantic[a:b] for s, (a, b) in zip(spans, prenet_windows, strict=True)],
-            device,
-            self.dtype,
-        )
-        global_tokens = torch.stack([s.global_tokens for s in spans]).to(device)
-        d_vector = self.speaker_encoder(global_tokens)  # (B, D)
-        features = self.prenet(self.quantizer(semantic), d_vector, prenet_mask)
-        features = features + d_vector.unsqueeze(-1)  # (B, D, T_prenet)
-
-        gen_input, gen_mask = _pad_batch(
-            [
-                features[i, :, ga - pa : gb - pa]
-                for i, ((pa, _), (ga, gb)) in enumerate(
-                    zip(prenet_windows, gen_windows, strict=True)
-                )
-            ],
-            device,
-            self.dtype,
-        )
-        audio = self.decoder(gen_input, gen_mask)[:, 0].float().cpu()  # (B, hop * T_gen)
-        return [
-            audio[i, (span.start - ga) * hop : (span.end - ga) * hop]
-            for i, (span, (ga, _)) in enumerate(zip(spans, gen_windows, strict=True))
-        ]
+        """Audio of each span (float32, on the CPU), in one batch: see :mod:`.spans`."""
+        return decode_spans(self, spans)
 
 
 def _as_ids(values: TokenInput, what: str) -> Tensor:
@@ -324,16 +275,3 @@ def _check_range(ids: Tensor, size: int, what: str) -> None:
         raise ValueError(
             f"{what} id {int(ids[position])} at position {position} is outside [0, {size})"
         )
-
-
-def _pad_batch(
-    items: Sequence[Tensor], device: torch.device, mask_dtype: torch.dtype
-) -> tuple[Tensor, Tensor | None]:
-    """Right-pad along the last axis; the mask (B, 1, T) is None when all lengths agree."""
-    lengths = [item.shape[-1] for item in items]
-    longest = max(lengths)
-    if all(n == longest for n in lengths):
-        return torch.stack(list(items)).to(device), None
-    batch = torch.stack([nn.functional.pad(item, (0, longest - item.shape[-1])) for item in items])
-    mask = torch.arange(longest).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    return batch.to(device), mask.unsqueeze(1).to(device=device, dtype=mask_dtype)

@@ -13,7 +13,10 @@ costs latency. The session therefore plans chunks on a schedule:
   ``crossfade_samples`` with more context and blends them in (raised-cosine,
   equal-gain), hiding the join;
 * the start and the end of the stream are exact (the same zero padding as a full
-  decode), and the chunks add up to exactly ``hop_length`` samples per token.
+  decode), and the chunks add up to exactly ``hop_length`` samples per token: each
+  chunk but the last holds back its last ``crossfade_samples`` for the next one to
+  blend, so after :meth:`StreamingSession.finish` there is always a last chunk,
+  even one with no new token, that re-decodes the held tail up to the true end.
 
 The schedule depends only on token counts, never on timing, so a stream's audio
 is reproducible. Planning (:meth:`StreamingSession.plan`) and decoding are apart
@@ -30,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .bicodec import BiCodecDecoder, Span, TokenInput
+from .bicodec import BiCodecDecoder, TokenInput
+from .spans import Span
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class StreamingConfig:
             raise ValueError("assumed_speedup below 1 means the LLM is slower than playback")
         if self.crossfade_samples < 0:
             raise ValueError("crossfade_samples must be >= 0")
+        if self.max_lookahead_tokens is not None and self.max_lookahead_tokens < 0:
+            raise ValueError("max_lookahead_tokens must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -81,9 +87,9 @@ class StreamingSession:
         self.config = config or StreamingConfig()
         self.global_tokens = decoder.check_global(global_tokens)
         self.hop = decoder.hop_length
-        self.max_lookahead = min(
-            self.config.max_lookahead_tokens or decoder.receptive_field, decoder.receptive_field
-        )
+        # Look-ahead past the receptive field would add latency and change nothing.
+        limit, field = self.config.max_lookahead_tokens, decoder.receptive_field
+        self.max_lookahead = field if limit is None else min(limit, field)
         self.crossfade = min(
             self.config.crossfade_samples, self.config.first_chunk_tokens * self.hop
         )
@@ -91,9 +97,9 @@ class StreamingSession:
         self._tokens: list[int] = []
         self._finished = False
         self._planned_until = 0  # tokens whose audio is planned
+        self._final_planned = False  # the chunk that reaches the true end is planned
         self._pending: deque[PlannedChunk] = deque()
         self._held: Tensor | None = None  # last samples of the previous chunk, to blend
-        self.samples_emitted = 0
 
     # -- input --------------------------------------------------------------------
     @property
@@ -106,8 +112,11 @@ class StreamingSession:
 
     @property
     def done(self) -> bool:
-        """Finished, every token planned and every planned chunk completed."""
-        return self._finished and self._planned_until == len(self._tokens) and not self._pending
+        """Finished, the final chunk planned and every planned chunk completed.
+
+        Until then a held crossfade tail may still be owed, even with every token planned.
+        """
+        return self._final_planned and not self._pending
 
     def push(self, semantic: Iterable[int]) -> None:
         if self._finished:
@@ -146,18 +155,23 @@ class StreamingSession:
         """Chunks that the tokens so far allow; decode them, then :meth:`complete` in order."""
         planned = []
         total = len(self._tokens)
-        while self._planned_until < total:
+        while not self._final_planned:
             start = self._planned_until
             end, lookahead = self.chunk_after(start)
             if self._finished and end + lookahead >= total:
-                end, window_end = total, total  # the rest, exactly, in one chunk
+                # The rest in one chunk, exact: its window ends at the true end. It has
+                # no new token (start == total) when the previous chunk, without
+                # look-ahead, ended at the last token: that one could not know the
+                # stream ends there and held its tail back, to be re-decoded and blended.
+                self._final_planned = True
+                if start == total and not self.crossfade:
+                    break  # nothing held back: all audio is out
+                end = window_end = total
             elif end + lookahead <= total:
                 window_end = end + lookahead
             else:
                 break
-            planned.append(
-                self._make_chunk(start, end, window_end, self._finished and end == total)
-            )
+            planned.append(self._make_chunk(start, end, window_end, self._final_planned))
             self._planned_until = end
         self._pending.extend(planned)
         return planned
@@ -185,14 +199,7 @@ class StreamingSession:
             self._held = None
         if not chunk.final and self.crossfade:
             audio, self._held = audio[: -self.crossfade], audio[-self.crossfade :]
-        self.samples_emitted += audio.shape[0]
         return audio
-
-    def decode_ready(self) -> list[Tensor]:
-        """Plan, decode with this session's decoder and complete: the simple, unbatched way."""
-        chunks = self.plan()
-        audio = self.decoder.decode_spans([chunk.span for chunk in chunks])
-        return [self.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
 
 
 def _fade_in(length: int, dtype: torch.dtype) -> Tensor:

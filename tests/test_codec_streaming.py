@@ -1,0 +1,291 @@
+"""Streaming decode against the full decode: length, exactness, arrival patterns, batching.
+
+Every test drives a session the way the gateway does: ``plan()``, then
+``decoder.decode_spans`` of the planned spans, then ``complete()`` in order
+(:func:`run_chunks`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from decoder_gateway.codec import (
+    BiCodecDecoder,
+    PlannedChunk,
+    StreamingConfig,
+    StreamingSession,
+    load_decoder,
+)
+
+GOLDEN = Path(__file__).parent / "data" / "bicodec" / "golden_small"
+HOP = 320
+
+
+@pytest.fixture(scope="module")
+def decoder() -> BiCodecDecoder:
+    return load_decoder(GOLDEN)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict[str, np.ndarray]]:
+    npz = np.load(GOLDEN / "cases.npz")
+    return [{name: npz[f"{name}_{i}"] for name in ("semantic", "global")} for i in range(3)]
+
+
+def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    error = (estimate - reference).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(reference.pow(2).sum() / error))
+
+
+def run_chunks(session: StreamingSession, chunks: list[PlannedChunk]) -> list[torch.Tensor]:
+    """Decode planned chunks in one batch and complete them, as the gateway's worker does."""
+    audio = session.decoder.decode_spans([chunk.span for chunk in chunks])
+    return [session.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
+
+
+def _stream(decoder, semantic, global_tokens, config, max_push, seed=0):
+    session = StreamingSession(decoder, global_tokens, config)
+    rng = random.Random(seed)
+    chunks, position, first_audio_at = [], 0, None
+    while position < len(semantic):
+        size = rng.randint(1, max_push)
+        session.push(semantic[position : position + size])
+        position += size
+        ready = run_chunks(session, session.plan())
+        if ready and first_audio_at is None:
+            first_audio_at = position
+        chunks += ready
+    session.finish()
+    chunks += run_chunks(session, session.plan())
+    assert session.done
+    return chunks, first_audio_at
+
+
+def test_stream_with_full_lookahead_is_exact(decoder, cases):
+    c = cases[2]
+    full = decoder.decode(c["semantic"][0], c["global"][0, 0])
+    config = StreamingConfig(first_lookahead_tokens=67)
+    chunks, _ = _stream(decoder, c["semantic"][0], c["global"][0, 0], config, max_push=5)
+    assert len(chunks) > 3
+    assert (torch.cat(chunks) - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("max_push", [1, 4, 25])
+def test_default_stream_starts_early_keeps_length_and_ends_exact(decoder, cases, max_push):
+    c = cases[2]
+    semantic, global_tokens = c["semantic"][0], c["global"][0, 0]
+    full = decoder.decode(semantic, global_tokens)
+    chunks, first_audio_at = _stream(decoder, semantic, global_tokens, StreamingConfig(), max_push)
+    streamed = torch.cat(chunks)
+    assert streamed.shape == full.shape  # no sample twice, none dropped
+    if max_push == 1:
+        assert first_audio_at == 14  # first chunk 10 tokens + 4 look-ahead
+    assert snr_db(full, streamed) > 20
+    # From where look-ahead reaches the receptive field on, the stream is exact: the end.
+    tail = HOP * 40
+    assert (streamed[-tail:] - full[-tail:]).abs().max() <= 1e-5
+
+
+def test_stream_is_independent_of_arrival_pattern(decoder, cases):
+    c = cases[1]
+    args = (c["semantic"][0], c["global"][0, 0], StreamingConfig())
+    one = torch.cat(_stream(decoder, *args, max_push=1)[0])
+    many = torch.cat(_stream(decoder, *args, max_push=9, seed=3)[0])
+    assert torch.equal(one, many)
+
+
+def test_stream_shorter_than_first_chunk(decoder, cases):
+    c = cases[0]
+    semantic = c["semantic"][0][:3]
+    chunks, _ = _stream(decoder, semantic, c["global"][0, 0], StreamingConfig(), 1)
+    full = decoder.decode(semantic, c["global"][0, 0])
+    assert (torch.cat(chunks) - full).abs().max() <= 1e-5
+
+
+def test_zero_lookahead_stream_ends_with_its_held_tail(decoder, cases):
+    """A chunk without look-ahead ends at the last token so far and holds its crossfade
+    tail; when finish() follows, that tail is still owed and must be planned."""
+    c = cases[0]
+    semantic, voice = c["semantic"][0][:10], c["global"][0, 0]
+    session = StreamingSession(decoder, voice, StreamingConfig(first_lookahead_tokens=0))
+    session.push(semantic)
+    audio = run_chunks(session, session.plan())
+    assert sum(part.numel() for part in audio) == HOP * 10 - 320  # the tail is held back
+    session.finish()
+    assert not session.done
+    last = session.plan()
+    assert len(last) == 1 and last[0].final
+    audio += run_chunks(session, last)
+    assert session.done and session.plan() == []
+    streamed, full = torch.cat(audio), decoder.decode(semantic, voice)
+    assert streamed.shape == full.shape == (HOP * 10,)
+    # The chunk's window already ended at the true end: all of it is exact.
+    assert (streamed - full).abs().max() <= 1e-5
+
+
+def test_max_lookahead_zero_means_none(decoder, cases):
+    config = StreamingConfig(first_lookahead_tokens=4, max_lookahead_tokens=0)
+    session = StreamingSession(decoder, cases[0]["global"][0, 0], config)
+    assert session.chunk_after(0) == (10, 0)
+    assert all(session.chunk_after(start)[1] == 0 for start in (10, 50, 300))
+    with pytest.raises(ValueError, match="max_lookahead_tokens"):
+        StreamingConfig(max_lookahead_tokens=-1)
+
+
+def test_stream_rejects_bad_tokens_and_misuse(decoder, cases):
+    session = StreamingSession(decoder, cases[0]["global"][0, 0])
+    with pytest.raises(ValueError, match="outside"):
+        session.push([8192])
+    with pytest.raises(ValueError, match="empty"):
+        session.finish()
+    session.push([1, 2])
+    session.finish()
+    with pytest.raises(RuntimeError):
+        session.push([3])
+    with pytest.raises(ValueError, match="32 global tokens"):
+        StreamingSession(decoder, [1, 2, 3])
+
+
+def test_streams_of_several_sessions_batch_together(decoder, cases):
+    """Chunks planned by different sessions decode in one batch, as the gateway does."""
+    sessions = [StreamingSession(decoder, c["global"][0, 0]) for c in cases]
+    outputs: list[list[torch.Tensor]] = [[] for _ in cases]
+    longest = max(c["semantic"].shape[1] for c in cases)
+    for position in range(0, longest + 1, 3):
+        planned = []
+        for i, (session, c) in enumerate(zip(sessions, cases, strict=True)):
+            tokens = c["semantic"][0]
+            if position < len(tokens):
+                session.push(tokens[position : position + 3])
+            elif not session.finished:
+                session.finish()
+            planned += [(i, chunk) for chunk in session.plan()]
+        audio = decoder.decode_spans([chunk.span for _, chunk in planned])
+        for (i, chunk), samples in zip(planned, audio, strict=True):
+            outputs[i].append(sessions[i].complete(chunk, samples))
+    for session, c, out in zip(sessions, cases, outputs, strict=True):
+        if not session.done:
+            session.finish()
+            out += run_chunks(session, session.plan())
+        solo = torch.cat(_stream(decoder, c["semantic"][0], c["global"][0, 0], None, 3)[0])
+        assert torch.cat(out).shape == solo.shape
+        assert (torch.cat(out) - solo).abs().max() <= 1e-5
+
+
+# -- property: any settings, any arrival pattern -----------------------------------
+
+
+def random_config(rng: random.Random) -> StreamingConfig:
+    min_chunk = rng.randint(1, 24)
+    return StreamingConfig(
+        first_chunk_tokens=rng.randint(1, 24),
+        first_lookahead_tokens=rng.choice([0, 0, 1, 3, 8, 30, 67, 90]),
+        min_chunk_tokens=min_chunk,
+        max_chunk_tokens=rng.randint(min_chunk, 60),
+        max_lookahead_tokens=rng.choice([None, None, None, 0, 5, 67]),
+        assumed_speedup=rng.choice([1.0, 1.0, 1.3, 2.0, 4.0]),
+        crossfade_samples=rng.choice([0, 1, 160, 320, 700, 3200]),
+    )
+
+
+def chunk_ends(session: StreamingSession, limit: int) -> list[int]:
+    """Where the chunks of a long enough stream end, up to ``limit`` tokens."""
+    ends = [session.chunk_after(0)[0]]
+    while ends[-1] < limit:
+        ends.append(session.chunk_after(ends[-1])[0])
+    return [end for end in ends if end <= limit] or [limit]
+
+
+class ExactnessTracker:
+    """Marks the streamed samples that must equal the full decode's.
+
+    A chunk's decode is exact when its window holds the receptive field each side of
+    its span, or reaches the sequence's true start or end there. A sample is exact
+    when every decode that went into it is: a chunk's first samples are blended with
+    the tail that the previous chunk held back, and a chunk that is not final holds
+    back ``session.crossfade`` samples for the next one.
+    """
+
+    def __init__(self, session: StreamingSession, length: int) -> None:
+        self.session, self.length = session, length
+        self.emitted = 0  # samples returned so far
+        self.held = torch.zeros(0, dtype=torch.bool)  # marks of the held-back tail
+        self.marks: list[torch.Tensor] = []
+        self.last_exact = False  # whether the last chunk so far decoded exactly
+
+    def add(self, chunk: PlannedChunk, out: torch.Tensor) -> None:
+        span, field = chunk.span, self.session.decoder.receptive_field
+        kept = 0 if chunk.final else self.session.crossfade
+        end_sample = self.emitted + out.numel() + kept  # the chunk covers audio up to here
+        assert end_sample % HOP == 0
+        end = end_sample // HOP  # token at the span's end, in the whole sequence
+        right = span.semantic.numel() - span.end  # tokens of look-ahead in the window
+        left_ok = span.start >= field or end == span.end  # or the window starts at token 0
+        right_ok = right >= field or end + right == self.length
+        self.last_exact = left_ok and right_ok
+        mark = torch.full((out.numel() + kept,), self.last_exact)
+        mark[: self.held.numel()] &= self.held
+        self.marks.append(mark[: out.numel()])
+        self.held = mark[out.numel() :]
+        self.emitted += out.numel()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
+    """Random settings, length and arrival (pushes of 1..N tokens, plan and decode at
+    random times, chunks still waiting at finish): 320 samples per token, and every
+    sample that only exact decodes went into equals the full decode's."""
+    rng = random.Random(seed)
+    config = random_config(rng)
+    voice = [rng.randrange(4096) for _ in range(32)]
+    session = StreamingSession(decoder, voice, config)
+    if rng.random() < 0.5:
+        length = rng.choice([rng.randint(1, 12), rng.randint(1, 80), rng.randint(1, 300)])
+    else:  # ends where a chunk does: a chunk without look-ahead then holds a tail at finish
+        length = rng.choice(chunk_ends(session, 300))
+    semantic = [rng.randrange(8192) for _ in range(length)]
+    max_push = rng.choice([1, 3, 10, 40])
+
+    tracker = ExactnessTracker(session, length)
+    out: list[torch.Tensor] = []
+    waiting: list[PlannedChunk] = []  # planned, not yet decoded: the worker is busy
+
+    def decode_waiting() -> None:
+        for chunk, samples in zip(waiting, run_chunks(session, waiting), strict=True):
+            tracker.add(chunk, samples)
+            out.append(samples)
+        waiting.clear()
+
+    position = 0
+    while position < length:
+        size = rng.randint(1, max_push)
+        session.push(semantic[position : position + size])
+        position += size
+        if rng.random() < 0.8:
+            waiting += session.plan()
+        if rng.random() < 0.7:
+            decode_waiting()
+    session.finish()
+    assert not session.done
+    waiting += session.plan()
+    decode_waiting()
+    assert session.done and session.plan() == []
+
+    streamed, full = torch.cat(out), decoder.decode(semantic, voice)
+    assert streamed.shape == full.shape == (HOP * length,), config
+    exact = torch.cat(tracker.marks)
+    # The last chunk's window reaches the true end (it may be final or, without
+    # crossfade, one that ended at the last token), so the last token is always exact,
+    # and so is everything after the last sample that an approximate decode went into.
+    assert tracker.last_exact, config
+    assert exact[-HOP:].all(), config
+    error = (streamed - full).abs()
+    assert error[exact].max() <= 1e-5, config
+    field = decoder.receptive_field
+    if config.first_lookahead_tokens >= field and session.max_lookahead >= field:
+        assert exact.all(), config  # look-ahead is the whole receptive field throughout
