@@ -343,6 +343,28 @@ def test_contradicting_settings_stop_the_start_with_a_message_naming_them(env, n
         assert name in done.stderr, done.stderr
 
 
+# -- 5. zero look-ahead ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "tokens"),
+    [
+        ({"STREAM_FIRST_LOOKAHEAD_TOKENS": "0"}, 10),
+        ({"STREAM_FIRST_LOOKAHEAD_TOKENS": "0"}, 57),
+        ({"STREAM_ASSUMED_SPEEDUP": "1"}, 120),
+    ],
+)
+def test_every_chunking_setting_gives_every_sample(make_gateway, llm, env, tokens):
+    """320 samples per token, whatever the schedule (a held crossfade tail was lost)."""
+    gateway = make_gateway(**env)
+    llm.control(tokens_per_segment=tokens)
+    response = requests.post(
+        f"{gateway.url}/v1/audio/speech/stream", json={"text": "Oli otya?"}, timeout=30
+    )
+    assert response.status_code == 200
+    assert len(response.content) == 2 * 320 * tokens
+
+
 # -- 9. request bodies -------------------------------------------------------------
 
 
