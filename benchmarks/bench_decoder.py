@@ -21,21 +21,19 @@ import time
 from pathlib import Path
 
 import torch
+from report import table  # benchmarks/, the script's own folder
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from report import table  # noqa: E402  (benchmarks/, the script's own folder)
-
-from decoder_gateway.codec import (  # noqa: E402
+from decoder_gateway.codec import (
     BiCodecConfig,
     BiCodecDecoder,
     StreamingConfig,
+    StreamingSession,
     checkpoint_layout,
     load_decoder,
 )
-from decoder_gateway.codec.layers import WEIGHT_NORMED  # noqa: E402
+from decoder_gateway.codec.layers import WEIGHT_NORMED
+from decoder_gateway.testing import REPO
 
 REAL = REPO / "tests" / "data" / "bicodec"
 TOKENS_PER_SECOND = 50
@@ -89,18 +87,25 @@ def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / error))
 
 
+def decode_planned(session: StreamingSession) -> list[torch.Tensor]:
+    """Plan, decode and complete what the session allows, as the gateway's worker does."""
+    chunks = session.plan()
+    audio = session.decoder.decode_spans([chunk.span for chunk in chunks])
+    return [session.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
+
+
 def stream_all(model, semantic, global_tokens, config) -> tuple[torch.Tensor, int]:
     """Stream token by token; returns the audio and the tokens seen before first audio."""
-    session = model.stream(global_tokens, config)
+    session = StreamingSession(model, global_tokens, config)
     chunks, first = [], None
     for position, token in enumerate(semantic.tolist(), start=1):
         session.push([token])
-        ready = session.decode_ready()
+        ready = decode_planned(session)
         if ready and first is None:
             first = position
         chunks += ready
     session.finish()
-    chunks += session.decode_ready()
+    chunks += decode_planned(session)
     return torch.cat(chunks), first or len(semantic)
 
 

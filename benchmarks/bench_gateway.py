@@ -31,8 +31,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -42,28 +40,26 @@ from pathlib import Path
 
 import httpx
 import torch
+from report import table  # benchmarks/, the script's own folder
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from report import table  # noqa: E402  (benchmarks/, the script's own folder)
-from support.gateway_server import GOLDEN_BICODEC, GatewayServer, free_port  # noqa: E402
-from support.tiny_spark_lm import write_model  # noqa: E402
-from support.vllm_server import VllmServer, vllm_venv, vllm_venv_problem  # noqa: E402
-
-from decoder_gateway.codec import BiCodecDecoder, load_decoder  # noqa: E402
-from decoder_gateway.llm import LLMClient, SamplingParams  # noqa: E402
-from decoder_gateway.prompt import speaker_prompt  # noqa: E402
-from decoder_gateway.settings import Settings  # noqa: E402
-from decoder_gateway.synthesis import Synthesizer  # noqa: E402
-from decoder_gateway.text import split_segments  # noqa: E402
-from decoder_gateway.voices import Voice, VoiceCatalog  # noqa: E402
+from decoder_gateway.codec import BiCodecDecoder, load_decoder
+from decoder_gateway.llm import LLMClient, SamplingParams
+from decoder_gateway.prompt import speaker_prompt
+from decoder_gateway.protocol import SpeechStreamRequest
+from decoder_gateway.serving.segment import token_budget
+from decoder_gateway.settings import Settings
+from decoder_gateway.testing import GOLDEN_BICODEC
+from decoder_gateway.testing.gateway_server import GatewayServer
+from decoder_gateway.testing.standin_llm import StandinProcess
+from decoder_gateway.testing.tiny_spark_lm import write_model
+from decoder_gateway.testing.vllm_server import VllmServer, vllm_venv, vllm_venv_problem
+from decoder_gateway.text import split_segments
+from decoder_gateway.voices import Voice, VoiceCatalog
 
 SAMPLE_RATE = 16000
 BYTES_PER_SECOND = 2 * SAMPLE_RATE  # PCM16 mono
-VOICE = "luganda_female"
-TEMPERATURE = 0.7  # the request default
+VOICE = VoiceCatalog.load().default_voice
+TEMPERATURE = SpeechStreamRequest.model_fields["temperature"].default  # the request default
 STANDIN_MODEL = "spark-tts"
 STANDIN_TOKENS_PER_S = 200.0
 STANDIN_PREFILL_S = 0.02
@@ -175,7 +171,7 @@ async def baseline_request(
             top_p=settings.top_p,
             top_k=settings.top_k,
             repetition_penalty=settings.repetition_penalty,
-            max_tokens=min(2048, Synthesizer._token_budget(sentence, False)),
+            max_tokens=min(2048, token_budget(sentence, False)),
         )
         semantic: list[int] = []
         t0 = time.perf_counter()
@@ -279,51 +275,23 @@ class Llm:
 @contextmanager
 def standin_llm(log_dir: Path) -> Iterator[Llm]:
     """The stand-in as its own process (in a thread it would share our GIL)."""
-    port = free_port()
-    log = (log_dir / "standin.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "support" / "standin_llm.py"),
-            *("--port", str(port), "--model", STANDIN_MODEL),
-            *("--tokens-per-s", str(STANDIN_TOKENS_PER_S), "--prefill-s", str(STANDIN_PREFILL_S)),
-            *("--tokens-per-word", str(STANDIN_TOKENS_PER_WORD)),
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the stand-in exited; see {log_dir / 'standin.log'}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the stand-in did not come up")
-            time.sleep(0.1)
+    with StandinProcess(
+        log_dir / "standin.log",
+        model=STANDIN_MODEL,
+        tokens_per_s=STANDIN_TOKENS_PER_S,
+        prefill_s=STANDIN_PREFILL_S,
+        tokens_per_word=STANDIN_TOKENS_PER_WORD,
+    ) as standin:
         yield Llm(
             "stand-in",
-            f"http://127.0.0.1:{port}/v1",
+            standin.base_url,
             STANDIN_MODEL,
-            process.pid,
+            standin.pid,
             f"stand-in vLLM (separate process): {STANDIN_TOKENS_PER_S:g} tokens/s per stream "
             f"after {STANDIN_PREFILL_S * 1000:g} ms prefill, {STANDIN_TOKENS_PER_WORD} "
             "semantic tokens per word, one token per SSE chunk, no batch limit",
             lambda sentence: max(5, STANDIN_TOKENS_PER_WORD * len(sentence.split())),
         )
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @contextmanager
@@ -341,7 +309,7 @@ def vllm_llm(log_dir: Path, semantic_length: int) -> Iterator[Llm]:
             "vLLM CPU",
             server.base_url,
             server.served_model_name,
-            server._proc.pid if server._proc else None,  # the launcher execs vLLM
+            server.pid,  # the launcher execs vLLM
             f"real vLLM ({version}, CPU, float32) serving the tiny Spark-format model: "
             f"a fixed chain of {semantic_length} semantic tokens "
             f"({semantic_length / 50:g} s of audio) per sentence; "

@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support.gateway_server import GatewayServer
-from support.standin_llm import StandinServer
-from support.tiny_spark_lm import write_model
-from support.vllm_server import VllmServer, VllmServerError, vllm_venv_problem
+
+from decoder_gateway.testing.gateway_server import GatewayServer
+from decoder_gateway.testing.standin_llm import StandinServer
+from decoder_gateway.testing.tiny_spark_lm import write_model
+from decoder_gateway.testing.vllm_server import VllmServer, VllmServerError, vllm_venv_problem
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,8 @@ import wave
 
 import pytest
 import requests
-from support.gateway_server import REPO, free_port
+
+from decoder_gateway.testing.gateway_server import REPO, free_port
 
 TEXT = "Oli otya? Nze bulungi nnyo."
 TRANSPORTS = ["--ws", "--http"]

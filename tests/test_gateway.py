@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import requests
 import websockets
-from support.gateway_server import GOLDEN_BICODEC
-from support.standin_llm import expected_semantic_tokens
 
 from decoder_gateway.audio import to_pcm16
 from decoder_gateway.codec import load_decoder
 from decoder_gateway.llm import prompt_token_bound
 from decoder_gateway.prompt import speaker_prompt
+from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
+from decoder_gateway.testing.standin_llm import expected_semantic_tokens
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
 

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import requests
 import websockets
-from support import tiny_spark_lm as tiny
-from support.gateway_server import GOLDEN_BICODEC, GatewayServer
 
 from decoder_gateway.audio import to_pcm16
 from decoder_gateway.codec import load_decoder
+from decoder_gateway.testing import tiny_spark_lm as tiny
+from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC, GatewayServer
 from decoder_gateway.voices import VoiceCatalog
 
 pytestmark = pytest.mark.vllm

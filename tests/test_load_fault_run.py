@@ -8,28 +8,38 @@ get an explicit error.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "load_fault_run.py"
+# The faults added with the slow-client deadline, the decoder fault and the request limits.
+NEW_FAULTS = (
+    "http_stalled_reader",
+    "ws_stalled_reader",
+    "decoder_failure",
+    "markup_in_text",
+    "oversized_body",
+    "surrogate_text",
+    "ws_nested_json",
+    "ws_foreign_origin",
+)
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("load_fault_run", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_faults(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``benchmarks/load_fault/faults.py``, imported as the script imports it."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    return importlib.import_module("load_fault.faults")
 
 
-def test_short_load_fault_run(tmp_path: Path) -> None:
-    script = load_script()
+def test_short_load_fault_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = load_faults(monkeypatch)
     report_path = tmp_path / "report.json"
     command = [
         sys.executable,
@@ -47,10 +57,12 @@ def test_short_load_fault_run(tmp_path: Path) -> None:
     outcomes = report["outcomes"]
     assert outcomes["lost"] == 0, (report["lost_requests"], output)
     assert report["upstream_running_after"] == 0, output
+    assert report["slots_held_after"] == 0, output
     assert report["gateway_alive"], output
     assert done.returncode == 0, output
 
     expected = {*script.CLIENT_FAULTS, *script.INBAND_FAULTS, *script.LLM_FAULTS}
+    assert expected >= set(NEW_FAULTS)
     injected = report["faults_injected"]
     assert {kind for kind, n in injected.items() if n >= 1} >= expected, injected
 

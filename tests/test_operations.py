@@ -12,12 +12,12 @@ import httpx
 import pytest
 import requests
 import websockets
-from decoder_gateway.serving import SpeechService
 
 from decoder_gateway.codec import load_decoder
 from decoder_gateway.decode_worker import DecodeWorker
 from decoder_gateway.llm import LLMClient
 from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving import SpeechService
 from decoder_gateway.settings import Settings
 from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
 from decoder_gateway.voices import VoiceCatalog

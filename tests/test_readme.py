@@ -46,12 +46,12 @@ from pathlib import Path
 
 import av
 import pytest
-from support.gateway_server import REPO
-from support.standin_llm import expected_semantic_count
 
 from decoder_gateway.encoders import resampled_length
 from decoder_gateway.prompt import speaker_prompt
 from decoder_gateway.settings import Settings
+from decoder_gateway.testing.gateway_server import REPO
+from decoder_gateway.testing.standin_llm import expected_semantic_count
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
 

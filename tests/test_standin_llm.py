@@ -12,14 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
-from support.standin_llm import (
+
+from decoder_gateway.testing.standin_llm import (
     END_SEMANTIC,
     GLOBAL_BASE,
     IM_END,
@@ -512,9 +512,11 @@ def test_command_line() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    script = Path(__file__).parent / "support" / "standin_llm.py"
     process = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--tokens-per-s", "1000"],
+        [
+            *(sys.executable, "-m", "decoder_gateway.testing.standin_llm"),
+            *("--port", str(port), "--tokens-per-s", "1000"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -8,8 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from support import tiny_spark_lm as tiny
-from support.vllm_server import VllmServer
+
+from decoder_gateway.testing import tiny_spark_lm as tiny
+from decoder_gateway.testing.vllm_server import VllmServer
 
 pytestmark = pytest.mark.vllm
 

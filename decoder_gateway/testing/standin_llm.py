@@ -31,11 +31,14 @@ text, its id stays in ``token_ids`` (as seen on the real server).
 Faults are configuration fields (:class:`StandinConfig`, :data:`FAULT_FIELDS`), set
 at creation, at run time with ``POST /control``, or for one request with a
 ``"standin": {...}`` object in the request body (``extra_body`` with the openai
-client). ``fault_requests`` and ``fault_match`` narrow which requests get them.
+client). ``fault_requests`` and ``fault_match`` narrow which requests get them;
+``fault_exclude`` keeps them off requests whose prompt holds that text.
 
 Run it alone for benchmarks::
 
-    python tests/support/standin_llm.py --port 8000 --tokens-per-s 200 --prefill-s 0.02
+    python -m decoder_gateway.testing.standin_llm --port 8000 --tokens-per-s 200 --prefill-s 0.02
+
+or as :class:`StandinProcess` from Python; :class:`StandinServer` runs it in a thread.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +60,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -65,6 +70,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from decoder_gateway.testing.process import HOST, ServerProcess, ServerStartError, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -196,9 +203,10 @@ class StandinConfig:
     stall_s: float = 0.0  # hang this long mid-stream ...
     stall_after_tokens: int = 1  # ... after this many tokens
     # Which requests the faults hit: the next N (None: all), those whose prompt holds
-    # this substring (None: any).
+    # this substring (None: any), and never those whose prompt holds fault_exclude.
     fault_requests: int | None = None
     fault_match: str | None = None
+    fault_exclude: str | None = None
 
 
 FAULT_FIELDS = frozenset(
@@ -237,7 +245,7 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number")
         return float(value)
-    if name in ("model", "api_key", "fault_match"):
+    if name in ("model", "api_key", "fault_match", "fault_exclude"):
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string")
         return value
@@ -613,6 +621,8 @@ class StandinLLM:
         """The settings for one request: faults only where fault_requests/match allow."""
         config = self.config
         targeted = config.fault_match is None or config.fault_match in prompt
+        if config.fault_exclude and config.fault_exclude in prompt:
+            targeted = False
         if targeted and self._fault_requests_left is not None:
             targeted = self._fault_requests_left > 0
             if targeted:
@@ -902,25 +912,14 @@ def create_app(config: StandinConfig | None = None, **settings: Any) -> Starlett
 # Running it
 
 
-class StandinServer:
-    """The stand-in under uvicorn in a background thread, on 127.0.0.1 and a free port.
+class StandinControl:
+    """``/control`` and ``/control/stats`` over HTTP, for a stand-in in a thread or a process."""
 
-    >>> with StandinServer(tokens_per_s=500) as server:
-    ...     server.control(drop_after_tokens=10)
-    ...     ...  # point the gateway at server.base_url
-    """
-
-    def __init__(self, config: StandinConfig | None = None, **settings: Any) -> None:
-        self.standin = StandinLLM(updated_config(config or StandinConfig(), settings))
-        self.port = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._http = httpx.Client(timeout=10.0)
+    _http_client: httpx.Client | None = None
 
     @property
-    def root_url(self) -> str:
-        """``http://127.0.0.1:PORT``, where /health, /tokenize and /control live."""
-        return f"http://127.0.0.1:{self.port}"
+    def root_url(self) -> str:  # pragma: no cover - defined by the subclasses
+        raise NotImplementedError
 
     @property
     def base_url(self) -> str:
@@ -928,50 +927,15 @@ class StandinServer:
         return f"{self.root_url}/v1"
 
     @property
-    def config(self) -> StandinConfig:
-        """The current settings (read in-process)."""
-        return self.standin.config
+    def _http(self) -> httpx.Client:
+        if self._http_client is None:
+            self._http_client = httpx.Client(timeout=10.0)
+        return self._http_client
 
-    def start(self) -> StandinServer:
-        """Bind a free port, start uvicorn in a daemon thread, wait until it serves."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.standin.app,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-            timeout_keep_alive=30,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="standin-llm", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the stand-in LLM server did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        """Ask uvicorn to exit (open streams get 1 s) and join its thread."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._http.close()
-
-    def __enter__(self) -> StandinServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ---- control over HTTP (works the same against a CLI-started stand-in) ----------
+    def _close_http(self) -> None:
+        client, self._http_client = self._http_client, None
+        if client is not None:
+            client.close()
 
     def control(self, **settings: Any) -> dict[str, Any]:
         """Change settings at run time (``reset=True``, ``reset_stats=True`` too)."""
@@ -1010,7 +974,9 @@ class StandinServer:
             return response.json()
 
     async def await_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 - the same signature as wait_for
     ) -> dict[str, Any]:
         """:meth:`wait_for` for async tests."""
         deadline = time.monotonic() + timeout
@@ -1023,6 +989,123 @@ class StandinServer:
             await asyncio.sleep(0.01)
 
 
+class StandinServer(StandinControl):
+    """The stand-in under uvicorn in a background thread, on 127.0.0.1 and a free port.
+
+    Quick to start and inspectable in-process (``server.config``); it shares the
+    caller's GIL, so load tests and benchmarks use :class:`StandinProcess` instead.
+
+    >>> with StandinServer(tokens_per_s=500) as server:
+    ...     server.control(drop_after_tokens=10)
+    ...     ...  # point the gateway at server.base_url
+    """
+
+    def __init__(self, config: StandinConfig | None = None, **settings: Any) -> None:
+        self.standin = StandinLLM(updated_config(config or StandinConfig(), settings))
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def root_url(self) -> str:
+        """``http://127.0.0.1:PORT``, where /health, /tokenize and /control live."""
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def config(self) -> StandinConfig:
+        """The current settings (read in-process)."""
+        return self.standin.config
+
+    def start(self) -> StandinServer:
+        """Bind a free port, start uvicorn in a daemon thread, wait until it serves."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.standin.app,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+            timeout_keep_alive=30,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="standin-llm", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServerStartError("the stand-in LLM server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit (open streams get 1 s) and join its thread."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._close_http()
+
+    def __enter__(self) -> StandinServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class StandinProcess(StandinControl, ServerProcess):
+    """The stand-in as its own process (``python -m decoder_gateway.testing.standin_llm``).
+
+    It does not share the caller's GIL, and it can be killed and started again on
+    the same port (an LLM restart or outage). ``settings`` are :class:`StandinConfig`
+    fields; :meth:`control` changes them at run time as for :class:`StandinServer`.
+    """
+
+    def __init__(
+        self,
+        log_path: Path | str,
+        *,
+        port: int | None = None,
+        config: StandinConfig | None = None,
+        start_timeout_s: float = 30.0,
+        **settings: Any,
+    ) -> None:
+        self.port = port or free_port()
+        self.settings = dataclasses.asdict(updated_config(config or StandinConfig(), settings))
+        super().__init__(
+            "the stand-in LLM",
+            [
+                sys.executable,
+                *("-m", "decoder_gateway.testing.standin_llm"),
+                *("--host", HOST, "--port", str(self.port)),
+                *("--config-json", json.dumps(self.settings)),
+            ],
+            log_path=log_path,
+            health_url=f"http://{HOST}:{self.port}/health",
+            start_timeout_s=start_timeout_s,
+            stop_timeout_s=3.0,
+            poll_s=0.05,
+        )
+
+    @property
+    def root_url(self) -> str:
+        """``http://127.0.0.1:PORT``, where /health, /tokenize and /control live."""
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def model(self) -> str:
+        """The served model name."""
+        return str(self.settings["model"])
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Terminate the process (kill after ``timeout_s``) and close the control client."""
+        super().stop(timeout_s)
+        self._close_http()
+
+
 @contextlib.contextmanager
 def standin_server(**settings: Any) -> Iterator[StandinServer]:
     """``with standin_server(tokens_per_s=1000) as server:`` — a started StandinServer."""
@@ -1033,7 +1116,7 @@ def standin_server(**settings: Any) -> Iterator[StandinServer]:
 def main(argv: list[str] | None = None) -> None:
     """Command line: serve the stand-in on a port, e.g. for benchmarks."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=StandinConfig.model)
     parser.add_argument("--api-key", default=None)
@@ -1044,6 +1127,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-word", type=int, default=StandinConfig.tokens_per_word)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=StandinConfig.max_model_len)
+    parser.add_argument(
+        "--config-json",
+        default=None,
+        help="a JSON object of StandinConfig fields, applied over the options above",
+    )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     config = StandinConfig(
@@ -1057,8 +1145,18 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
     )
+    if args.config_json:
+        try:
+            changes = json.loads(args.config_json)
+            if not isinstance(changes, dict):
+                raise ValueError("--config-json must be a JSON object")
+            config = updated_config(config, changes)
+        except ValueError as err:
+            parser.error(str(err))
     app = StandinLLM(config).app
-    print(f"stand-in vLLM on http://{args.host}:{args.port}/v1 (model {args.model!r})", flush=True)
+    print(
+        f"stand-in vLLM on http://{args.host}:{args.port}/v1 (model {config.model!r})", flush=True
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
 
 

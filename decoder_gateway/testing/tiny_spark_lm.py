@@ -14,7 +14,7 @@ a fixed chain strongly predicts its successor:
 The logit margin of the intended successor is at least ``MIN_MARGIN`` so that
 sampling at the usual temperatures with top_k / top_p never deviates.
 
-Usage: ``python tests/support/tiny_spark_lm.py OUT_DIR [--semantic-length N]``.
+Usage: ``python -m decoder_gateway.testing.tiny_spark_lm OUT_DIR [--semantic-length N]``.
 """
 
 from __future__ import annotations

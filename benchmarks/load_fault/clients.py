@@ -1,0 +1,593 @@
+"""Request records, seeded texts, wire helpers, and the normal HTTP / WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Origin
+
+from decoder_gateway.protocol import SAMPLE_RATE
+from decoder_gateway.settings import Settings as GatewaySettings
+from decoder_gateway.text import split_segments
+from decoder_gateway.voices import VoiceCatalog
+
+
+def gateway_default(name: str) -> Any:
+    """The default of a gateway setting: what a gateway started without it uses."""
+    return GatewaySettings.model_fields[name].default
+
+
+HOST = "127.0.0.1"  # loopback only, always
+BYTES_PER_TOKEN = 2 * SAMPLE_RATE // 50  # PCM16 of one semantic token (50 per second)
+STANDIN_MODEL = "spark-tts"
+STANDIN_TOKENS_PER_WORD = 10
+VLLM_SEMANTIC_LENGTH = 60
+HTTP_PATH = "/v1/audio/speech/stream"
+OPENAI_PATH = "/v1/audio/speech"
+WS_PATH = "/v1/audio/speech/stream/ws"
+# The gateway's defaults (the run leaves them as they are, SEGMENT_LOOKAHEAD set explicitly).
+SEGMENT_LOOKAHEAD: int = gateway_default("segment_lookahead")  # upstream streams per request
+MAX_TEXT_CHARS: int = gateway_default("max_text_chars")
+WS_MAX_MESSAGE_BYTES: int = gateway_default("ws_max_message_bytes")
+MAX_REQUEST_BODY_BYTES: int = gateway_default("max_request_body_bytes")
+# Requests whose text holds this word get no stand-in fault (its fault_exclude).
+NO_FAULT_MARKER = "zqclean"
+
+CATALOG = VoiceCatalog.load()  # the packaged six
+VOICES = CATALOG.ids
+SPEAKER_IDS = [voice.speaker_id for voice in CATALOG]
+WORDS = (
+    "market morning farmer tomato onion banana village stall river water school "
+    "teacher student clinic nurse doctor road lake rain weather football team family "
+    "child mother father friend house garden kitchen bread coffee music song evening "
+    "bicycle station letter window door table chair bridge forest mountain sunrise"
+).split()
+SHORT_WORDS = "go to at in on up we me be so no do it is as by my he an or".split()
+
+COMPLETED, ERROR, ABANDONED, LOST = "completed", "explicit_error", "abandoned", "lost"
+OUTCOMES = (COMPLETED, ERROR, ABANDONED, LOST)
+
+
+# --------------------------------------------------------------------------------------
+# Settings and records
+
+
+@dataclass
+class RunSettings:
+    """What one run does (the report's ``settings``)."""
+
+    duration_s: float
+    clients: int
+    request_timeout_s: float
+    never_read_s: float
+    fault_interval_s: float
+    llm_restarts: int
+    llm_outages: int
+    restart_down_s: float
+    outage_down_s: float
+    settle_s: float
+    llm_timeout_s: float
+    seed: int
+    slow_client_timeout_s: float = 3.0
+    faults: bool = True
+    only: tuple[str, ...] = ()  # client and in-band fault kinds to inject (all when empty)
+
+
+@dataclass
+class Request:
+    """One request a client started, and what became of it."""
+
+    client: str  # "http-0", "ws-3", "fault-12"
+    transport: str  # "http" | "ws"
+    kind: str  # "normal", a fault kind, or "<fault kind>/follow-up"
+    started: float
+    expected_bytes: int | None = None
+    expect_error: bool = False  # a malformed or oversized request
+    # Upstream streams the gateway may hold for it while it is live (SEGMENT_LOOKAHEAD
+    # at most, one per segment of its text; none for a request it must refuse).
+    upstream: int = SEGMENT_LOOKAHEAD
+    outcome: str = ""
+    reason: str = ""
+    received: int = 0  # audio bytes
+    first_audio_s: float | None = None
+    duration_s: float | None = None
+    status: int | None = None  # HTTP status of the answer
+    error_code: str | None = None  # the code of an HTTP error body or a WS error frame
+    error_param: str | None = None  # the param of an HTTP error body
+
+    def end(self, outcome: str, reason: str = "") -> None:
+        if not self.outcome:  # the first verdict stands
+            self.outcome, self.reason = outcome, reason
+            self.duration_s = time.monotonic() - self.started
+
+
+@dataclass
+class Recorder:
+    requests: list[Request] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    anomalies: list[str] = field(default_factory=list)
+
+    def start(self, client: str, transport: str, kind: str, **kw: Any) -> Request:
+        request = Request(client, transport, kind, time.monotonic(), **kw)
+        self.requests.append(request)
+        return request
+
+    def anomaly(self, text: str) -> None:
+        self.anomalies.append(text)
+
+
+def audio_verdict(request: Request, wire_samples: int | None = None) -> tuple[str, str]:
+    """Outcome of a stream that ended cleanly, from its byte count."""
+    n = request.received
+    if n <= 0:
+        return LOST, "clean end without audio"
+    if n % BYTES_PER_TOKEN:
+        return LOST, f"clean end after {n} bytes, not a multiple of {BYTES_PER_TOKEN}"
+    if wire_samples is not None and wire_samples * 2 != n:
+        return LOST, f"end says {wire_samples} samples, {n // 2} received"
+    if request.expected_bytes is not None and n != request.expected_bytes:
+        what = "short" if n < request.expected_bytes else "long"
+        return LOST, f"clean end, {what}: {n} bytes of {request.expected_bytes}"
+    return COMPLETED, ""
+
+
+# --------------------------------------------------------------------------------------
+# Texts
+
+
+class Texts:
+    """Seeded random texts and voices, with the audio length the LLM will write."""
+
+    def __init__(self, rng: random.Random, llm_kind: str) -> None:
+        self.rng = rng
+        self.llm_kind = llm_kind
+
+    def sentence(self, words: int) -> str:
+        chosen = [self.rng.choice(WORDS) for _ in range(words)]
+        return " ".join([chosen[0].capitalize(), *chosen[1:]]) + "."
+
+    def text(self, sentences: tuple[int, int] = (1, 3), words: tuple[int, int] = (2, 8)) -> str:
+        count = self.rng.randint(*sentences)
+        return " ".join(self.sentence(self.rng.randint(*words)) for _ in range(count))
+
+    def long_text(self) -> str:
+        """~25 s of audio: long enough to outlast a quick client."""
+        return self.text(sentences=(12, 12), words=(9, 11))
+
+    def huge_text(self) -> str:
+        """Short words up to ~4800 characters: ~320 s (10 MB) of audio with the stand-in.
+
+        That is more than the socket buffers of both ends can hold (Linux autotunes a
+        send buffer up to 4 MB), so a client that never reads holds the stream up.
+        """
+        sentences: list[str] = []
+        while sum(len(x) + 1 for x in sentences) < MAX_TEXT_CHARS - 240:
+            chosen = [self.rng.choice(SHORT_WORDS) for _ in range(10)]
+            sentences.append(" ".join([chosen[0].capitalize(), *chosen[1:]]) + ".")
+        return " ".join(sentences)
+
+    @staticmethod
+    def without_faults(text: str) -> str:
+        """``text`` with :data:`NO_FAULT_MARKER` in every sentence: no stand-in fault hits it."""
+        return text.replace(".", f" {NO_FAULT_MARKER}.")
+
+    def voice_fields(self) -> dict[str, Any]:
+        pick = self.rng.random()
+        if pick < 0.6:
+            return {"voice": self.rng.choice(VOICES)}
+        if pick < 0.85:
+            return {"speaker_id": self.rng.choice(SPEAKER_IDS)}
+        return {}
+
+    def expectations(self, text: str) -> dict[str, Any]:
+        """``Request`` fields for a valid request of ``text``."""
+        segments = len(split_segments(text))
+        return {
+            "expected_bytes": self.expected_bytes(text),
+            "upstream": min(SEGMENT_LOOKAHEAD, segments),
+        }
+
+    def expected_bytes(self, text: str) -> int | None:
+        """Audio bytes of a complete answer to ``text`` (None when unknown)."""
+        if self.llm_kind == "standin":
+            return BYTES_PER_TOKEN * STANDIN_TOKENS_PER_WORD * len(text.split())
+        if self.llm_kind == "vllm":
+            return BYTES_PER_TOKEN * VLLM_SEMANTIC_LENGTH * len(split_segments(text))
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Wire helpers
+
+
+def http_request_bytes(
+    port: int, path: str, body: bytes, content_type: str = "application/json"
+) -> bytes:
+    """The bytes of a POST with a Content-Length, for raw sockets."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def http_post(port: int, body: dict[str, Any], path: str = HTTP_PATH) -> bytes:
+    """The bytes of a speech request, for raw sockets."""
+    return http_request_bytes(port, path, json.dumps(body).encode())
+
+
+def ws_handshake(port: int, origin: str | None = None) -> bytes:
+    """A client's opening handshake on :data:`WS_PATH` (RFC 6455), for raw sockets."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {WS_PATH} HTTP/1.1",
+        f"Host: {HOST}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *([f"Origin: {origin}"] if origin else []),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A masked client text frame (RFC 6455)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes([0x81, 0x80 | size])
+    elif size < 1 << 16:
+        head = bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + size.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def parse_error_body(raw: bytes) -> dict[str, Any] | None:
+    """The ``error`` object of an OpenAI-shaped error body (None when it is not one)."""
+    try:
+        error = json.loads(raw)["error"]
+        if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return error
+
+
+def http_error_reason(request: Request, status: int, raw: bytes, rec: Recorder) -> str:
+    """``http <status> <code>`` of an error answer, noted on ``request``; odd bodies are
+    anomalies."""
+    request.status = status
+    error = parse_error_body(raw)
+    if error is None:
+        rec.anomaly(f"HTTP {status} without a JSON error body: {raw[:200]!r}")
+        code = "?"
+    else:
+        code = error.get("code") or error.get("type")
+        request.error_code = None if code is None else str(code)
+        request.error_param = error.get("param")
+    if status < 400:
+        rec.anomaly(f"HTTP {status} answered a speech request")
+    return f"http {status} {code}"
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+REQUESTS_FAMILY = ("tts_requests_total", "gateway_requests_total")
+ACTIVE_STREAMS_FAMILY = ("tts_active_streams", "gateway_active_streams")
+WS_ENDPOINTS = frozenset({"websocket", "ws"})  # the endpoint label of WS requests
+
+
+def metric_samples(text: str, names: tuple[str, ...]) -> list[tuple[dict[str, str], float]]:
+    """``(labels, value)`` of every sample of the metrics ``names`` in a Prometheus text."""
+    samples = []
+    for name, labels, value in _SAMPLE.findall(text):
+        if name in names:
+            samples.append((dict(_LABEL.findall(labels)), float(value)))
+    return samples
+
+
+def active_streams(text: str) -> int | None:
+    """The gateway's active-streams gauge (None when the text has none)."""
+    samples = metric_samples(text, ACTIVE_STREAMS_FAMILY)
+    return round(sum(v for _, v in samples)) if samples else None
+
+
+def slow_client_count(text: str, transport: str) -> int:
+    """Requests of ``transport`` the gateway ended as ``slow_client`` so far."""
+    total = 0.0
+    for labels, value in metric_samples(text, REQUESTS_FAMILY):
+        ws = labels.get("endpoint") in WS_ENDPOINTS
+        if labels.get("outcome") == "slow_client" and ws == (transport == "ws"):
+            total += value
+    return round(total)
+
+
+async def read_metrics_async(url: str) -> str | None:
+    """``GET /metrics`` of the gateway (None when it does not answer 200)."""
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            response = await client.get(f"{url}/metrics")
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+# --------------------------------------------------------------------------------------
+# The clients
+
+
+class Clients:
+    """HTTP and WebSocket requests, classified; the normal clients' loops."""
+
+    def __init__(self, settings: RunSettings, url: str, ws_url: str, port: int, llm_kind: str):
+        self.s = settings
+        self.url = url
+        self.http_url = f"{url}{HTTP_PATH}"
+        self.ws_url = f"{ws_url}{WS_PATH}"
+        self.port = port
+        self.llm_kind = llm_kind
+        self.rec = Recorder()
+        self.end_at = 0.0
+        self.segment_ids = iter(range(1, 1 << 62))
+
+    def running(self) -> bool:
+        return time.monotonic() < self.end_at
+
+    # ---- HTTP -------------------------------------------------------------------
+
+    async def http_request(
+        self,
+        client: httpx.AsyncClient,
+        request: Request,
+        body: dict[str, Any] | bytes,
+        abandon_after_chunks: int | None = None,
+        path: str = HTTP_PATH,
+    ) -> None:
+        """POST and classify; ``abandon_after_chunks``: leave after that many chunks."""
+        try:
+            await asyncio.wait_for(
+                self._http_once(client, request, body, abandon_after_chunks, path),
+                self.s.request_timeout_s,
+            )
+        except TimeoutError:
+            state = f"{request.received} audio bytes" if request.received else "no audio"
+            request.end(LOST, f"no end after {self.s.request_timeout_s:g} s ({state})")
+        except Exception as err:
+            request.end(LOST, f"client failure {type(err).__name__}: {err}")
+
+    async def _http_once(
+        self,
+        client: httpx.AsyncClient,
+        request: Request,
+        body: dict[str, Any] | bytes,
+        abandon_after_chunks: int | None,
+        path: str,
+    ) -> None:
+        kwargs: dict[str, Any] = (
+            {"content": body, "headers": {"Content-Type": "application/json"}}
+            if isinstance(body, bytes)
+            else {"json": body}
+        )
+        status = 0
+        try:
+            async with client.stream("POST", f"{self.url}{path}", **kwargs) as response:
+                status = response.status_code
+                if status != 200:
+                    raw = await response.aread()
+                    request.end(ERROR, http_error_reason(request, status, raw, self.rec))
+                    return
+                request.status = status
+                if response.headers.get("content-type", "").startswith("text/event-stream"):
+                    await self._read_sse(response, request)
+                    return
+                chunks = 0
+                async for chunk in response.aiter_raw():
+                    if not chunk:
+                        continue
+                    if request.first_audio_s is None:
+                        request.first_audio_s = time.monotonic() - request.started
+                    request.received += len(chunk)
+                    chunks += 1
+                    if abandon_after_chunks is not None and chunks >= abandon_after_chunks:
+                        request.end(ABANDONED, "disconnected mid-stream")
+                        return  # leaving the block closes the connection
+            request.end(*audio_verdict(request))
+        except httpx.RemoteProtocolError as err:
+            if status == 200:
+                request.end(ERROR, "http: body cut off mid-stream")
+            else:
+                request.end(ERROR, f"http: connection closed without a response ({err})")
+        except httpx.ConnectError:
+            request.end(ERROR, "http: connection refused")
+        except httpx.ReadTimeout:
+            request.end(LOST, "http: read timeout")
+
+    async def _read_sse(self, response: httpx.Response, request: Request) -> None:
+        """``/v1/audio/speech`` with ``stream_format: sse``: deltas, then done or error."""
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                self.rec.anomaly(f"{request.client}: SSE data that is not JSON: {line[:200]!r}")
+                continue
+            kind = event.get("type")
+            if kind == "speech.audio.delta":
+                if request.first_audio_s is None:
+                    request.first_audio_s = time.monotonic() - request.started
+                request.received += len(base64.b64decode(event.get("audio", "")))
+            elif kind == "speech.audio.done":
+                request.end(COMPLETED if request.received else LOST, "sse: done")
+                return
+            elif kind == "error":
+                error = event.get("error") or {}
+                request.error_code = error.get("code")
+                request.end(ERROR, f"sse error event: {request.error_code}")
+                return
+            else:
+                self.rec.anomaly(f"{request.client}: unknown SSE event {line[:200]!r}")
+        request.end(LOST, "sse: ended without a done or error event")
+
+    # ---- WebSocket ----------------------------------------------------------------
+
+    async def ws_connect(
+        self, request: Request | None = None, origin: str | None = None
+    ) -> ClientConnection | None:
+        """A connection, or None (and the request's error) when it is refused."""
+        try:
+            return await connect(
+                self.ws_url,
+                max_size=None,
+                open_timeout=10,
+                close_timeout=2,
+                ping_interval=None,
+                origin=Origin(origin) if origin else None,
+            )
+        except InvalidStatus as err:
+            if request is not None:
+                request.status = err.response.status_code
+            reason = f"ws: handshake refused with HTTP {err.response.status_code}"
+        except (OSError, InvalidHandshake, TimeoutError) as err:
+            reason = f"ws: cannot connect ({type(err).__name__})"
+        if request is not None:
+            request.end(ERROR, reason)
+        return None
+
+    async def ws_request(
+        self,
+        ws: ClientConnection,
+        request: Request,
+        message: dict[str, Any] | str | bytes,
+        abandon: str | None = None,
+    ) -> bool:
+        """Send one message, classify its answer; True when the connection is still usable.
+
+        ``abandon``: "close" (a close frame) or "drop" (the TCP connection cut) after
+        the first audio frame.
+        """
+        try:
+            return await asyncio.wait_for(
+                self._ws_once(ws, request, message, abandon), self.s.request_timeout_s
+            )
+        except TimeoutError:
+            state = f"{request.received} audio bytes" if request.received else "no audio"
+            request.end(LOST, f"no end after {self.s.request_timeout_s:g} s ({state})")
+            return False
+        except Exception as err:
+            request.end(LOST, f"client failure {type(err).__name__}: {err}")
+            return False
+
+    async def _ws_once(
+        self,
+        ws: ClientConnection,
+        request: Request,
+        message: dict[str, Any] | str | bytes,
+        abandon: str | None,
+    ) -> bool:
+        segment_id = message.get("segment_id") if isinstance(message, dict) else None
+        started = False
+        try:
+            await ws.send(json.dumps(message) if isinstance(message, dict) else message)
+            while True:
+                frame = await ws.recv()
+                if isinstance(frame, bytes):
+                    if not started:
+                        self.rec.anomaly(f"{request.client}: audio before 'start'")
+                    if request.first_audio_s is None:
+                        request.first_audio_s = time.monotonic() - request.started
+                    request.received += len(frame)
+                    if abandon is not None:
+                        if abandon == "drop":
+                            ws.transport.abort()
+                        else:
+                            await ws.close()
+                        request.end(ABANDONED, f"ws: {abandon} mid-stream")
+                        return False
+                    continue
+                data = json.loads(frame)
+                kind = data.get("type")
+                echoed = data.get("segment_id")
+                # A message refused unread (too big) cannot have its segment_id echoed.
+                unread = request.expect_error and kind == "error" and echoed is None
+                if segment_id is not None and echoed != segment_id and not unread:
+                    self.rec.anomaly(
+                        f"{request.client}: {kind} for segment {echoed!r}, expected {segment_id!r}"
+                    )
+                if kind == "start":
+                    if started:
+                        self.rec.anomaly(f"{request.client}: a second 'start'")
+                    started = True
+                elif kind == "end":
+                    if not started:
+                        self.rec.anomaly(f"{request.client}: 'end' without 'start'")
+                    request.end(*audio_verdict(request, int(data.get("samples", -1))))
+                    return True
+                elif kind == "error":
+                    request.error_code = data.get("code")
+                    request.end(ERROR, f"ws error frame: {data.get('code')}")
+                    return True
+                else:
+                    self.rec.anomaly(f"{request.client}: unknown message {frame[:200]!r}")
+        except ConnectionClosed as err:
+            if err.rcvd is not None:
+                request.end(ERROR, f"ws: closed with code {err.rcvd.code}")
+            else:
+                request.end(ERROR, "ws: connection dropped without a close frame")
+            return False
+
+    def ws_message(self, text: str, texts: Texts) -> dict[str, Any]:
+        return {
+            "input": text,
+            **texts.voice_fields(),
+            "temperature": round(texts.rng.uniform(0.3, 1.0), 2),
+            "segment_id": f"s{next(self.segment_ids)}",
+        }
+
+    # ---- normal clients ---------------------------------------------------------------
+
+    async def http_client(self, index: int) -> None:
+        name = f"http-{index}"
+        texts = Texts(random.Random(self.s.seed * 1000 + index), self.llm_kind)
+        async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+            while self.running():
+                text = texts.text()
+                body = {"text": text, **texts.voice_fields()}
+                request = self.rec.start(name, "http", "normal", **texts.expectations(text))
+                await self.http_request(client, request, body)
+                await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
+
+    async def ws_client(self, index: int) -> None:
+        name = f"ws-{index}"
+        texts = Texts(random.Random(self.s.seed * 1000 + 500 + index), self.llm_kind)
+        ws: ClientConnection | None = None
+        try:
+            while self.running():
+                text = texts.text()
+                request = self.rec.start(name, "ws", "normal", **texts.expectations(text))
+                if ws is None:
+                    ws = await self.ws_connect(request)
+                    if ws is None:
+                        await asyncio.sleep(0.2)
+                        continue
+                if not await self.ws_request(ws, request, self.ws_message(text, texts)):
+                    await ws.close()
+                    ws = None
+                await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
+        finally:
+            if ws is not None:
+                await ws.close()
