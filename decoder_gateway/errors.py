@@ -24,6 +24,48 @@ class VoiceNotFound(InvalidRequest):
     code = "voice_not_found"
 
 
+class InvalidAudio(InvalidRequest):
+    """The clip is empty, not audio, or cannot be decoded."""
+
+    code = "invalid_audio"
+
+
+class SilentAudio(InvalidAudio):
+    """The clip decodes but holds only digital silence: nothing to clone a voice from."""
+
+    code = "silent_audio"
+
+
+class AudioTooShort(InvalidAudio):
+    """The clip is shorter than the minimum a speaker embedding needs."""
+
+    code = "audio_too_short"
+
+
+class AudioTooLong(InvalidAudio):
+    """The clip is longer than allowed (decoding stops there)."""
+
+    code = "audio_too_long"
+
+
+class VoiceExists(InvalidRequest):
+    """The name is taken: by a packaged voice or by a cloned voice already stored."""
+
+    status, code = 409, "voice_exists"
+
+
+class VoiceStorageError(GatewayError):
+    """The voice folder cannot be written (disk full, read-only volume, permissions)."""
+
+    status, code = 500, "voice_storage_error"
+
+
+class VoiceCloningUnavailable(GatewayError):
+    """The checkpoint has no speaker encoder: packaged voices only."""
+
+    status, code = 501, "cloning_unavailable"
+
+
 class Overloaded(GatewayError):
     status, code = 429, "too_many_streams"
 

@@ -10,6 +10,13 @@ from .loading import (
     resolve_bicodec_dir,
 )
 from .spans import Span, decode_spans
+from .speaker import (
+    SpeakerEncoder,
+    SpeakerEncoderConfig,
+    SpeakerEncoderUnavailable,
+    load_speaker_encoder,
+    speaker_checkpoint_layout,
+)
 from .streaming import PlannedChunk, StreamingConfig, StreamingSession
 
 __all__ = [
@@ -19,10 +26,15 @@ __all__ = [
     "LoadReport",
     "PlannedChunk",
     "Span",
+    "SpeakerEncoder",
+    "SpeakerEncoderConfig",
+    "SpeakerEncoderUnavailable",
     "StreamingConfig",
     "StreamingSession",
     "checkpoint_layout",
     "decode_spans",
     "load_decoder",
+    "load_speaker_encoder",
     "resolve_bicodec_dir",
+    "speaker_checkpoint_layout",
 ]
