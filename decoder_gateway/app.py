@@ -7,21 +7,31 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .auth import APIKeyMiddleware
-from .codec import BiCodecDecoder, load_decoder, resolve_bicodec_dir
+from .codec import (
+    BiCodecDecoder,
+    SpeakerEncoder,
+    SpeakerEncoderUnavailable,
+    load_decoder,
+    load_speaker_encoder,
+    resolve_bicodec_dir,
+)
 from .decode_worker import DecodeWorker
 from .errors import GatewayError
 from .llm import LLMClient
 from .metrics import Metrics
 from .middleware import BodySizeLimit, WebSocketOriginCheck
-from .routes import errors, info, openai_speech, speech_stream, web, websocket
+from .routes import errors, info, openai_speech, speech_stream, voices, web, websocket
 from .serving import SpeechService
+from .serving.voices import VoiceService
 from .settings import Settings
+from .voice_library import VoiceLibrary
 from .voices import VoiceCatalog
 
 logger = logging.getLogger(__name__)
@@ -32,7 +42,7 @@ class Gateway:
     """What the routes need, built once per process."""
 
     settings: Settings
-    voices: VoiceCatalog
+    voices: VoiceService
     llm: LLMClient
     decoder: BiCodecDecoder
     worker: DecodeWorker
@@ -49,7 +59,7 @@ def pick_device(setting: str) -> str:
 
 
 async def build_gateway(settings: Settings) -> Gateway:
-    voices = VoiceCatalog.load(settings.voices_file)
+    catalog = VoiceCatalog.load(settings.voices_file)
     if settings.decoder_threads:  # CPU decoding on shared cores: fewer threads can be faster
         torch.set_num_threads(settings.decoder_threads)
     folder = await asyncio.to_thread(
@@ -59,12 +69,11 @@ async def build_gateway(settings: Settings) -> Gateway:
         settings.tokenizer_cache_dir,
         settings.hf_token,
     )
+    device = pick_device(settings.decoder_device)
     decoder = await asyncio.to_thread(
-        load_decoder,
-        folder,
-        pick_device(settings.decoder_device),
-        getattr(torch, settings.decoder_dtype),
+        load_decoder, folder, device, getattr(torch, settings.decoder_dtype)
     )
+    encoder, encoder_problem = await asyncio.to_thread(_load_speaker_encoder, folder, device)
     metrics = Metrics()
     llm = LLMClient(
         settings.llm_base_url,
@@ -79,8 +88,20 @@ async def build_gateway(settings: Settings) -> Gateway:
         logger.warning("token ids not checked yet: %s", err.message)
     worker = DecodeWorker(decoder, settings.decoder_max_batch, metrics)
     worker.start()
-    speech = SpeechService(settings, llm, worker, voices, metrics)
-    return Gateway(settings, voices, llm, decoder, worker, speech, metrics)
+    library = VoiceLibrary(settings.library_folder(), keep_clips=settings.keep_voice_clips)
+    await asyncio.to_thread(library.cleanup_stale)
+    voice_service = VoiceService(settings, catalog, library, encoder, metrics, encoder_problem)
+    speech = SpeechService(settings, llm, worker, voice_service, metrics)
+    return Gateway(settings, voice_service, llm, decoder, worker, speech, metrics)
+
+
+def _load_speaker_encoder(folder: Path, device: str) -> tuple[SpeakerEncoder | None, str | None]:
+    """The speaker encoder for cloning, or None and why (the packaged voices work anyway)."""
+    try:
+        return load_speaker_encoder(folder, device), None
+    except SpeakerEncoderUnavailable as err:
+        logger.warning("voice cloning off: %s", err)
+        return None, "the BiCodec checkpoint has no speaker encoder"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -92,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.gateway = gateway
         logger.info(
             "gateway ready: %d voices, decoder on %s, LLM %s at %s",
-            len(gateway.voices),
+            len(gateway.voices.catalog),
             gateway.decoder.device,
             settings.model_name,
             settings.llm_base_url,
@@ -101,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await gateway.worker.close()
+            await gateway.voices.close()
             await gateway.llm.close()
 
     app = FastAPI(
@@ -127,7 +149,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # CORS does not cover WebSockets: browsers connect from any page unless the
         # server checks the handshake's Origin itself.
         app.add_middleware(WebSocketOriginCheck, allowed_origins=origins)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_body_bytes)
-    for module in (info, speech_stream, websocket, openai_speech, web):
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_body_bytes, per_path=settings.body_limits()
+    )
+    for module in (info, speech_stream, websocket, openai_speech, voices, web):
         app.include_router(module.router)
     return app

@@ -1,15 +1,23 @@
-"""Command-line client: speak text with a running gateway, save WAV or raw PCM16.
+"""Command-line client: speak text with a running gateway, save WAV or raw PCM16, and
+manage cloned voices.
 
     python -m decoder_gateway.client "Oli otya?" --voice luganda_female -o out.wav
     echo "Habari yako?" | python -m decoder_gateway.client - --voice swahili_male -o hi.wav
     python -m decoder_gateway.client -f story.txt --http --format pcm -o - | \\
         aplay -q -f S16_LE -r 16000 -c 1
+    python -m decoder_gateway.client voices add amina clip.wav --language Swahili
+    python -m decoder_gateway.client voices list
+    python -m decoder_gateway.client "Habari yako?" --voice amina -o amina.wav
+    python -m decoder_gateway.client voices rm amina
 
 It streams over the WebSocket (``--ws``, the default) or ``POST /v1/audio/speech/stream``
 (``--http``), shows the audio received so far on stderr, and ends with the time to first
 audio and the real-time factor (synthesis time / audio duration). Raw PCM to stdout
 (``--format pcm -o -``) is written as it arrives, so it can be played live; files are
 written once the audio is complete, so a failed request leaves no truncated file.
+``voices`` is a subcommand when it is the first argument that is not an option (to
+speak the word itself, write ``-- voices``). ``--api-key`` (default: the environment's
+``GATEWAY_API_KEY``) is sent as ``Authorization: Bearer``.
 Exit status: 0 on success, 1 when the server or the connection fails, 2 on bad usage.
 """
 
@@ -17,17 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
+import os
 import sys
 import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, BinaryIO, TextIO
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
 DEFAULT_URL = "http://localhost:8001"
@@ -35,6 +45,8 @@ SAMPLE_RATE = 16000  # PCM16 LE mono; the server also says so in its start frame
 SAMPLE_WIDTH = 2
 WS_PATH = "/v1/audio/speech/stream/ws"
 HTTP_PATH = "/v1/audio/speech/stream"
+VOICES_PATH = "/v1/audio/voices"
+API_KEY_ENV = "GATEWAY_API_KEY"
 
 
 class ClientError(Exception):
@@ -60,6 +72,10 @@ class SpeechRequest:
         return {key: value for key, value in fields.items() if value is not None}
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def endpoint(base_url: str, path: str, websocket: bool) -> str:
     """``http(s)://`` or ``ws(s)://`` base URL (any path prefix kept) -> the endpoint."""
     parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
@@ -75,10 +91,17 @@ class WebSocketSpeech:
 
     transport = "WebSocket"
 
-    def __init__(self, base_url: str, request: SpeechRequest, timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        request: SpeechRequest,
+        timeout_s: float,
+        api_key: str | None = None,
+    ) -> None:
         self.url = endpoint(base_url, WS_PATH, websocket=True)
         self.request = request
         self.timeout_s = timeout_s
+        self.headers = auth_headers(api_key)  # the handshake carries the key
         self.sample_rate = SAMPLE_RATE
 
     def __iter__(self) -> Iterator[bytes]:
@@ -89,7 +112,18 @@ class WebSocketSpeech:
             "continue": False,  # the only message on this connection
         }
         try:
-            ws = connect(self.url, open_timeout=self.timeout_s, max_size=16 << 20, compression=None)
+            ws = connect(
+                self.url,
+                additional_headers=self.headers,
+                open_timeout=self.timeout_s,
+                max_size=16 << 20,
+                compression=None,
+            )
+        except InvalidStatus as err:
+            raise ClientError(
+                f"server error: {error_message(err.response.body, err.response.reason_phrase)} "
+                f"(HTTP {err.response.status_code})"
+            ) from err
         except (OSError, InvalidHandshake, InvalidURI) as err:
             raise ClientError(f"cannot connect to {self.url}: {err}") from err
         with ws:
@@ -133,10 +167,17 @@ class HttpSpeech:
 
     transport = "HTTP"
 
-    def __init__(self, base_url: str, request: SpeechRequest, timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        request: SpeechRequest,
+        timeout_s: float,
+        api_key: str | None = None,
+    ) -> None:
         self.url = endpoint(base_url, HTTP_PATH, websocket=False)
         self.request = request
         self.timeout_s = timeout_s
+        self.headers = auth_headers(api_key)
         self.sample_rate = SAMPLE_RATE
 
     def __iter__(self) -> Iterator[bytes]:
@@ -145,13 +186,11 @@ class HttpSpeech:
         try:
             with (
                 httpx.Client(timeout=self.timeout_s) as client,
-                client.stream("POST", self.url, json=body) as response,
+                client.stream("POST", self.url, json=body, headers=self.headers) as response,
             ):
                 if response.status_code != 200:
                     response.read()
-                    raise ClientError(
-                        f"server error: {error_message(response)} (HTTP {response.status_code})"
-                    )
+                    raise server_error(response)
                 self.sample_rate = int(response.headers.get("X-Sample-Rate", SAMPLE_RATE))
                 received = 0
                 for chunk in response.iter_bytes():
@@ -171,12 +210,17 @@ class HttpSpeech:
             ) from err
 
 
-def error_message(response: httpx.Response) -> str:
+def error_message(body: bytes, fallback: str) -> str:
     """The message of the gateway's ``{"error": {"message": ...}}`` body, or the raw text."""
     try:
-        return str(response.json()["error"]["message"])
+        return str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return response.text.strip() or response.reason_phrase
+        return body.decode("utf-8", "replace").strip() or fallback
+
+
+def server_error(response: httpx.Response) -> ClientError:
+    message = error_message(response.content, response.reason_phrase)
+    return ClientError(f"server error: {message} (HTTP {response.status_code})")
 
 
 class Progress:
@@ -267,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m decoder_gateway.client",
         description="Speak text with a running decoder gateway; save WAV or raw PCM16 "
         "(16 kHz mono, little-endian).",
+        epilog="Cloned voices: python -m decoder_gateway.client voices {add,list,rm} "
+        "(--help for each). To speak the word 'voices' itself, write -- voices.",
     )
     parser.add_argument("text", nargs="?", help="the text to speak; - reads stdin")
     parser.add_argument(
@@ -282,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-tokens", type=int, metavar="N", help="semantic-token budget per sentence"
     )
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"gateway URL (default {DEFAULT_URL})")
+    add_connection_options(parser)
     transport = parser.add_mutually_exclusive_group()
     transport.add_argument(
         "--ws", dest="transport", action="store_const", const="ws", help="WebSocket (default)"
@@ -302,19 +348,231 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="output file, - for stdout (default speech.wav / speech.pcm)",
     )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="seconds to wait for the server (default 60)",
-    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     return parser
 
 
+def add_connection_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """``--url``, ``--api-key`` and ``--timeout``, shared by every command.
+
+    ``suppress``: no defaults, for a subcommand's copy of the options, so that one given
+    before the subcommand is not overwritten by the subcommand's default.
+    """
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--url", default=default(DEFAULT_URL), help=f"gateway URL (default {DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=default(os.environ.get(API_KEY_ENV) or None),
+        help=f"the gateway's API key, if it has one (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(60.0),
+        metavar="SECONDS",
+        help="seconds to wait for the server (default 60)",
+    )
+
+
+# -- voices: add, list, rm ----------------------------------------------------------
+
+
+def build_voices_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m decoder_gateway.client voices",
+        description="Manage the gateway's voices: clone one from a reference clip, list "
+        "them, delete a cloned one. A cloned voice is used by name, like a built-in one: "
+        "python -m decoder_gateway.client TEXT --voice NAME.",
+    )
+    add_connection_options(parser)
+    shared = argparse.ArgumentParser(add_help=False)
+    add_connection_options(shared, suppress=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add = commands.add_parser(
+        "add",
+        parents=[shared],
+        help="clone a voice from a reference clip",
+        description="Clone a voice from a reference clip (POST /v1/audio/voices).",
+    )
+    add.add_argument("name", help="the new voice's id: 1 to 64 of A-Z a-z 0-9 _ -")
+    add.add_argument(
+        "clip",
+        help="reference recording of one speaker: wav, flac, mp3, ogg, opus, m4a or webm, "
+        "0.5 to 60 s, at most 10 MB",
+    )
+    add.add_argument("--language", help="the speaker's language, e.g. Swahili")
+    add.add_argument("--gender", help="e.g. female or male")
+    add.add_argument(
+        "--description", dest="speaker_description", metavar="TEXT", help="about the speaker"
+    )
+    add.add_argument("--consent", metavar="TEXT", help="the speaker's consent, as recorded")
+    add.add_argument("--ref-text", metavar="TEXT", help="what is said in the clip")
+    add.add_argument(
+        "--base-voice",
+        metavar="VOICE",
+        help="built-in voice whose speaker id the clone uses (default: the server's choice)",
+    )
+
+    commands.add_parser(
+        "list",
+        aliases=["ls"],
+        parents=[shared],
+        help="list every voice: id, cloned, language, gender",
+        description="List every voice (GET /v1/audio/voices).",
+    )
+
+    remove = commands.add_parser(
+        "rm",
+        aliases=["delete"],
+        parents=[shared],
+        help="delete a cloned voice",
+        description="Delete a cloned voice (DELETE /v1/audio/voices/NAME).",
+    )
+    remove.add_argument("name", help="the cloned voice's id")
+    return parser
+
+
+class VoicesClient:
+    """The voice endpoints over HTTP; failures raise :class:`ClientError`."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
+        self.url = endpoint(base_url, VOICES_PATH, websocket=False)
+        self.headers = auth_headers(api_key)
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str = "", **kwargs: Any) -> dict:
+        url = self.url + path
+        try:
+            with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client:
+                response = client.request(method, url, **kwargs)
+        except httpx.ConnectError as err:
+            raise ClientError(f"cannot connect to {url}: {err}") from err
+        except httpx.TimeoutException as err:
+            raise ClientError(f"no reply from the server for {self.timeout_s:g} s") from err
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
+            raise ClientError(f"request to {url} failed: {err}") from err
+        if not response.is_success:
+            raise server_error(response)
+        try:
+            return response.json()
+        except ValueError as err:
+            raise ClientError(f"{method} {url}: the reply is not JSON") from err
+
+    def add(self, name: str, clip: Path, data: bytes, fields: dict[str, str]) -> dict:
+        media_type = mimetypes.guess_type(clip.name)[0] or "application/octet-stream"
+        return self.request(
+            "POST",
+            files={"audio_sample": (clip.name, data, media_type)},
+            data={"name": name, **fields},
+        )["voice"]
+
+    def list(self) -> dict:
+        return self.request("GET")
+
+    def delete(self, name: str) -> dict:
+        return self.request("DELETE", f"/{quote(name, safe='')}")
+
+
+def voices_table(voices: list[dict]) -> str:
+    """Columns id, cloned (yes/no), language, gender; ``-`` for a missing value."""
+    rows = [("ID", "CLONED", "LANGUAGE", "GENDER")]
+    for voice in voices:
+        rows.append(
+            (
+                str(voice["id"]),
+                "yes" if voice.get("cloned") else "no",
+                voice.get("language") or "-",
+                voice.get("gender") or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def voices_main(argv: list[str]) -> int:
+    parser = build_voices_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = VoicesClient(args.url, args.api_key, args.timeout)
+    except ClientError as err:
+        parser.error(str(err))
+    try:
+        if args.command == "add":
+            clip = Path(args.clip)
+            try:
+                data = clip.read_bytes()
+            except OSError as err:
+                parser.error(f"cannot read {args.clip}: {err.strerror or err}")
+            fields = {
+                key: value
+                for key in (
+                    "language",
+                    "gender",
+                    "speaker_description",
+                    "consent",
+                    "ref_text",
+                    "base_voice",
+                )
+                if (value := getattr(args, key)) is not None
+            }
+            voice = client.add(args.name, clip, data, fields)
+            base = f", base voice {voice['base_voice']}" if voice.get("base_voice") else ""
+            print(f"added voice {voice['id']}{base}; speak with --voice {voice['id']}")
+        elif args.command in ("list", "ls"):
+            listing = client.list()
+            sys.stdout.write(voices_table(listing["voices"]))
+        else:
+            client.delete(args.name)
+            print(f"deleted voice {args.name}")
+    except ClientError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError) as err:
+        print(f"error: unexpected reply from the server (no {err})", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- speech ---------------------------------------------------------------------------
+
+
+def first_positional(argv: list[str], parser: argparse.ArgumentParser) -> int | None:
+    """Index of the first argument that is neither an option nor an option's value."""
+    takes_value = {
+        option
+        for action in parser._actions  # argparse lists its options nowhere public
+        if action.nargs != 0
+        for option in action.option_strings
+    }
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            return None
+        if arg.startswith("-") and arg != "-":
+            index += 2 if arg in takes_value else 1
+            continue
+        return index
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    command = first_positional(argv, parser)
+    if command is not None and argv[command] == "voices":
+        return voices_main(argv[:command] + argv[command + 1 :])
     args = parser.parse_args(argv)
     request = SpeechRequest(
         text=read_text(args, parser),
@@ -328,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     live = sys.stdout.buffer if to_stdout and args.format == "pcm" else None
     kind = WebSocketSpeech if args.transport == "ws" else HttpSpeech
     try:
-        speech = kind(args.url, request, args.timeout)
+        speech = kind(args.url, request, args.timeout, api_key=args.api_key)
     except ClientError as err:
         parser.error(str(err))
     progress = Progress(sys.stderr, args.quiet)

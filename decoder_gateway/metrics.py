@@ -81,6 +81,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.voice_clone_seconds = Histogram(
+            "tts_voice_clone_seconds",
+            "Speaker encoder time of one clip (resampling, normalisation, network).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
         self.decoder_failures = Counter(
             "tts_decoder_failures",
             "Decoder batches that raised (each fails the streams in it with decoder_error).",

@@ -17,17 +17,21 @@ class BodySizeLimit:
     ASGI messages (and the client's disconnect after it).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send, f"{declared} bytes")
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, f"{declared} bytes", limit)
             return
         body = bytearray()
         while True:
@@ -36,8 +40,8 @@ class BodySizeLimit:
                 replay = [message]
                 break
             body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send, f"over {self.max_bytes} bytes")
+            if len(body) > limit:
+                await self._refuse(scope, receive, send, f"over {limit} bytes", limit)
                 return
             if not message.get("more_body", False):
                 replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
@@ -48,11 +52,12 @@ class BodySizeLimit:
 
         await self.app(scope, replaying_receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, size: str, limit: int
+    ) -> None:
         response = error_response(
             413,
-            f"the request body ({size}) is over the limit of {self.max_bytes} bytes "
-            "(MAX_REQUEST_BODY_BYTES)",
+            f"the request body ({size}) is over the limit of {limit} bytes",
             "request_too_large",
         )
         # The rest of the body is not read: close the connection rather than drain it.

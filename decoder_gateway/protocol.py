@@ -37,6 +37,10 @@ def _valid_unicode(text: str) -> str:
 # (pydantic would otherwise take `true` as 1) nor strings.
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 SegmentId = StrictStr | StrictInt
+REF_AUDIO_DOC = (
+    "A reference clip as a base64 data: URL (data:audio/wav;base64,...): speak in its voice, "
+    "cloned for this request only (nothing is stored). `voice` then gives the speaker id."
+)
 DEFAULT_MAX_TOKENS_DOC = "Semantic-token budget per sentence; default min(2048, MAX_TOKENS_LIMIT)."
 
 
@@ -48,6 +52,7 @@ class SpeechStreamRequest(BaseModel):
     speaker_id: StrictInt | None = Field(None, description="Speaker id, e.g. 248; or give `voice`.")
     temperature: float = Field(0.7, ge=0.0, le=2.0, strict=True)
     max_tokens: StrictInt | None = Field(None, ge=1, description=DEFAULT_MAX_TOKENS_DOC)
+    ref_audio: str | None = Field(None, description=REF_AUDIO_DOC)
 
 
 class WebSocketSpeechMessage(BaseModel):
@@ -62,6 +67,7 @@ class WebSocketSpeechMessage(BaseModel):
     max_tokens: StrictInt | None = Field(None, ge=1, description=DEFAULT_MAX_TOKENS_DOC)
     segment_id: SegmentId | None = None
     continue_: bool = Field(True, alias="continue", strict=True)
+    ref_audio: str | None = Field(None, description=REF_AUDIO_DOC)
 
 
 class StartMessage(BaseModel):
@@ -99,6 +105,33 @@ class VoiceInfo(BaseModel):
     speaker_id: int
     language: str
     gender: str
+    cloned: bool = False
+
+
+class ClonedVoiceInfo(BaseModel):
+    """A cloned voice: what ``POST /v1/audio/voices`` stored."""
+
+    id: str
+    name: str
+    global_tokens: list[int]
+    speaker_id: int
+    base_voice: str
+    created_at: str
+    consent: str | None = None
+    ref_text: str | None = None
+    language: str | None = None
+    gender: str | None = None
+    speaker_description: str | None = None
+
+
+class ClonedVoiceResponse(BaseModel):
+    voice: ClonedVoiceInfo
+
+
+class VoiceDeleted(BaseModel):
+    id: str
+    object: Literal["voice"] = "voice"
+    deleted: bool = True
 
 
 class VoiceList(BaseModel):
@@ -169,6 +202,7 @@ class OpenAISpeechRequest(BaseModel):
     temperature: float = Field(
         0.7, ge=0.0, le=2.0, strict=True, description="Sampling temperature (extension)."
     )
+    ref_audio: str | None = Field(None, description=REF_AUDIO_DOC + " (vLLM-Omni's field)")
 
     @field_validator("voice", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ Read once at start-up (``Settings()``) and passed down; nothing below reads
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,14 @@ class Settings(BaseSettings):
 
     # Voices: the packaged six, replaced or extended by VOICES_FILE
     voices_file: Path | None = None
+    # Cloned voices: one JSON file each in this folder (a volume shared by replicas);
+    # unset: decoder_gateway/voices under the user's cache folder.
+    voice_library_dir: Path | None = None
+    keep_voice_clips: bool = False  # also store each uploaded clip beside its voice
+    max_clip_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="POST /v1/audio/voices")
+    max_inline_clip_bytes: int = Field(
+        512 * 1024, ge=0, description="ref_audio on the speech endpoints (0: refused)"
+    )
 
     # Sampling defaults (every field is sent explicitly; see PROTOCOL.md)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -99,6 +108,22 @@ class Settings(BaseSettings):
 
     log_format: Literal["text", "json"] = "text"
 
+    def library_folder(self) -> Path:
+        if self.voice_library_dir is not None:
+            return self.voice_library_dir
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "decoder_gateway" / "voices"
+
+    def body_limits(self) -> dict[str, int]:
+        """Largest HTTP body per path (others: MAX_REQUEST_BODY_BYTES). Uploads carry a
+        clip; speech requests may carry an inline one as base64 (4 bytes per 3)."""
+        inline = self.max_request_body_bytes + -(-4 * self.max_inline_clip_bytes // 3)
+        return {
+            "/v1/audio/voices": self.max_clip_bytes + JSON_OVERHEAD_BYTES * 64,
+            "/v1/audio/speech": inline,
+            "/v1/audio/speech/stream": inline,
+        }
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         """Check the settings against each other at start-up, naming the variables."""
@@ -126,6 +151,11 @@ class Settings(BaseSettings):
                     f"{name}={value} cannot carry a text of MAX_TEXT_CHARS="
                     f"{self.max_text_chars} characters (up to {largest_text} bytes as JSON)"
                 )
+        if self.max_inline_clip_bytes > self.max_clip_bytes:
+            problems.append(
+                f"MAX_INLINE_CLIP_BYTES={self.max_inline_clip_bytes} is over "
+                f"MAX_CLIP_BYTES={self.max_clip_bytes}"
+            )
         if problems:
             raise SettingsConflict("settings contradict each other: " + "; ".join(problems))
         return self

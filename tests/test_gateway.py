@@ -65,7 +65,8 @@ def test_voices(gateway):
         ("swahili_male", 246),
         ("luganda_female", 248),
     }
-    assert all(set(v) == {"id", "speaker_id", "language", "gender"} for v in voices)
+    assert all(set(v) == {"id", "speaker_id", "language", "gender", "cloned"} for v in voices)
+    assert not any(v["cloned"] for v in voices)
 
 
 def test_server_info(gateway):

@@ -336,6 +336,7 @@ def test_audio_voices_and_models(gateway):
         "speaker_id": 248,
         "language": "Luganda",
         "gender": "female",
+        "cloned": False,
     }
     models = requests.get(f"{gateway.url}/v1/audio/models", timeout=10).json()["models"]
     assert [m["id"] for m in models] == ["spark-tts", "tts-1", "tts-1-hd"]

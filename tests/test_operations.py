@@ -18,8 +18,10 @@ from decoder_gateway.decode_worker import DecodeWorker
 from decoder_gateway.llm import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving import SpeechService
+from decoder_gateway.serving.voices import VoiceService
 from decoder_gateway.settings import Settings
 from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
+from decoder_gateway.voice_library import VoiceLibrary
 from decoder_gateway.voices import VoiceCatalog
 
 TEXT = "Oli otya? Nze bulungi nnyo."
@@ -246,7 +248,7 @@ def test_cors_is_configurable(make_gateway, llm, gateway):
 
 
 async def test_a_consumer_that_stops_pulling_is_bounded_and_closing_aborts_upstream_first(
-    standin_server,
+    standin_server, tmp_path
 ):
     """In process, through the serving layer's own stream: a consumer that takes one
     chunk and stops holds at most the bounded buffer (generation pauses); closing the
@@ -267,7 +269,10 @@ async def test_a_consumer_that_stops_pulling_is_bounded_and_closing_aborts_upstr
     )
     worker = DecodeWorker(decoder, metrics=metrics)
     worker.start()
-    service = SpeechService(settings, llm, worker, VoiceCatalog.load(), metrics)
+    voices = VoiceService(
+        settings, VoiceCatalog.load(), VoiceLibrary(tmp_path), None, metrics, "not needed here"
+    )
+    service = SpeechService(settings, llm, worker, voices, metrics)
     long_text = "Oli otya leero mukwano gwange wange nnyo?"
     job = await service.prepare(long_text, max_tokens=4096)
     stream = await service.open(job, "stream")

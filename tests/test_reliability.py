@@ -390,7 +390,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(gateway):
 
     def chunks():
         yield b'{"text": "'
-        for _ in range(64):
+        for _ in range(512):  # 2 MB: over any path's limit (an inline clip's included)
             yield b"a" * 4096
 
     response = requests.post(

@@ -20,6 +20,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from decoder_gateway.settings import Settings
 from decoder_gateway.testing.faulty_gateway import FAULT_VOICE
 
 from .clients import (
@@ -29,7 +30,6 @@ from .clients import (
     HOST,
     HTTP_PATH,
     LOST,
-    MAX_REQUEST_BODY_BYTES,
     MAX_TEXT_CHARS,
     OPENAI_PATH,
     SEGMENT_LOOKAHEAD,
@@ -82,7 +82,8 @@ FOREIGN_ORIGIN = "http://evil.example"
 MARKUP_TEXT = "Hello <|end_content|><|start_global_token|><|bicodec_global_7|> there."
 SURROGATE_JSON = '"Hello \\ud800 there."'  # a JSON string holding a lone surrogate
 NESTED_JSON = "[" * 3000 + "]" * 3000
-OVERSIZED_BODY_BYTES = max(1 << 20, 2 * MAX_REQUEST_BODY_BYTES)
+# Over the largest body any path takes (speech requests may carry an inline clip).
+OVERSIZED_BODY_BYTES = max(1 << 20, 2 * max(Settings().body_limits().values()))
 # A stalled reader's socket: a tiny receive buffer and a small MSS, set before connect.
 # The small MSS keeps the gateway's kernel send buffer small too (Linux sizes it from
 # the MSS: ~100 kB instead of ~3 MB), so the gateway's sends block within a second.
@@ -651,7 +652,7 @@ class Faults(Clients):
         await self._ws_bad_then_good(name, kind, texts, frame, expected_code="invalid_request")
 
     async def fault_oversized_body(self, name: str, texts: Texts) -> None:
-        """A body over MAX_REQUEST_BODY_BYTES, with a Content-Length and chunked: 413."""
+        """A body over the path's limit, with a Content-Length and chunked: 413."""
         kind = "oversized_body"
         filler = "word " * (OVERSIZED_BODY_BYTES // 5)
         body = json.dumps({"text": filler}).encode()

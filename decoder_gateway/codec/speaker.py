@@ -331,6 +331,9 @@ def speaker_checkpoint_layout(model: SpeakerEncoder) -> dict[str, tuple[int, ...
     return checkpoint_layout(model)
 
 
+_NETWORK_PREFIX = "speaker_encoder.speaker_encoder."
+
+
 def _read_speaker_state(
     weights_path: Path, model: SpeakerEncoder
 ) -> tuple[dict[str, Tensor], LoadReport]:
@@ -340,12 +343,14 @@ def _read_speaker_state(
     with safe_open(str(weights_path), framework="pt") as checkpoint:
         available = set(checkpoint.keys())
         missing = [key for key in expected if key not in available]
-        if len(missing) == len(expected):
+        # A decode-only export may keep a few of these keys (the quantizer's, which the
+        # decoder shares); without any of the ECAPA network's there is no encoder at all.
+        network = [key for key in expected if key.startswith(_NETWORK_PREFIX)]
+        if all(key in missing for key in network):
             raise SpeakerEncoderUnavailable(
                 f"{weights_path}: the checkpoint has no speaker encoder (none of the "
-                f"{len(expected)} speaker_encoder.speaker_encoder / perceiver_sampler / "
-                "quantizer.project_in keys), so it cannot turn a reference clip into "
-                "global tokens; voice cloning needs the full BiCodec checkpoint"
+                f"{len(network)} {_NETWORK_PREFIX}* keys), so it cannot turn a reference "
+                "clip into global tokens; voice cloning needs the full BiCodec checkpoint"
             )
         if missing:
             shown = ", ".join(missing[:8])

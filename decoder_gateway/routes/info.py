@@ -13,8 +13,19 @@ router = APIRouter()
 
 @router.get("/v1/voices")
 async def list_voices(request: Request) -> VoiceList:
-    voices = request.app.state.gateway.voices
-    return VoiceList(voices=[VoiceInfo(**v.model_dump(exclude={"global_tokens"})) for v in voices])
+    service = request.app.state.gateway.voices
+    packaged = [VoiceInfo(**v.model_dump(exclude={"global_tokens"})) for v in service.catalog]
+    cloned = [
+        VoiceInfo(
+            id=v.id,
+            speaker_id=v.speaker_id,
+            language=v.language or "",
+            gender=v.gender or "",
+            cloned=True,
+        )
+        for v in await service.cloned()
+    ]
+    return VoiceList(voices=packaged + cloned)
 
 
 @router.get("/health")
@@ -30,7 +41,12 @@ async def health(request: Request) -> JSONResponse:
     if reason is not None:
         return JSONResponse({"status": "unavailable", "reason": reason}, 503)
     return JSONResponse(
-        {"status": "ok", "decoder_device": str(gateway.decoder.device), "model": gateway.llm.model}
+        {
+            "status": "ok",
+            "decoder_device": str(gateway.decoder.device),
+            "model": gateway.llm.model,
+            "cloning": gateway.voices.cloning,
+        }
     )
 
 
@@ -46,11 +62,12 @@ async def server_info(request: Request) -> dict:
     gateway = request.app.state.gateway
     base = str(request.base_url).rstrip("/")
     ws_base = base.replace("http", "ws", 1)
-    voice = gateway.voices.default_voice
+    voice = gateway.voices.catalog.default_voice
     return {
         "name": "Spark-TTS decoder gateway",
         "model": gateway.llm.model,
-        "voices": [v.id for v in gateway.voices],
+        "voices": [v.id for v in gateway.voices.catalog],
+        "cloning": gateway.voices.cloning,
         "default_voice": voice,
         "audio_format": {
             "encoding": "pcm_s16le",
@@ -63,7 +80,9 @@ async def server_info(request: Request) -> dict:
             "max_tokens} -> streamed audio/pcm",
             "WS /v1/audio/speech/stream/ws": "JSON {input, voice, speaker_id, temperature, "
             "segment_id, continue} -> start, binary PCM frames, end",
-            "GET /v1/voices": "the voices",
+            "GET /v1/voices": "the voices (packaged and cloned)",
+            "POST /v1/audio/voices": "multipart {audio_sample, name, ...} -> a cloned voice",
+            "GET /v1/audio/voices/{name}": "one cloned voice; DELETE removes it",
             "GET /health": "200 when the decode worker runs and vLLM answers",
         },
         "examples": {

@@ -1,4 +1,4 @@
-"""OpenAI's speech API: POST /v1/audio/speech, GET /v1/models, /v1/audio/voices, /v1/audio/models.
+"""OpenAI's speech API: POST /v1/audio/speech, GET /v1/models, /v1/audio/models.
 
 Drop-in for clients of OpenAI's ``client.audio.speech.create`` (and Open WebUI):
 
@@ -36,8 +36,6 @@ from ..encoders import DEFAULT_SAMPLE_RATE, FORMATS, AudioPipeline
 from ..errors import InvalidRequest, StreamAborted, VoiceNotFound
 from ..protocol import (
     AudioModelList,
-    AudioVoiceInfo,
-    AudioVoiceList,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -46,7 +44,8 @@ from ..protocol import (
     SpeechAudioDone,
     SpeechUsage,
 )
-from ..voices import Voice, VoiceCatalog
+from ..serving.voices import VoiceService
+from ..voices import Voice
 from .errors import as_gateway_error, sse_error_event
 from .streaming import SpeechResponse, start_stream
 
@@ -82,16 +81,17 @@ _ERROR_RESPONSES = {
 }
 
 
-def resolve_voice(voices: VoiceCatalog, name: str | None) -> Voice:
-    """Our voice by id; OpenAI's built-in names -> the default voice; else VoiceNotFound."""
-    if name and name not in voices.ids and name.lower() in OPENAI_VOICES:
-        return voices.resolve(None)
+async def resolve_voice(voices: VoiceService, name: str | None) -> Voice:
+    """Our voice (packaged or cloned) by id; OpenAI's built-in names -> the default voice
+    (unless a voice of ours has that name); else VoiceNotFound."""
     try:
-        return voices.resolve(name)
+        return await voices.resolve(name)
     except VoiceNotFound as err:
+        if name and name.lower() in OPENAI_VOICES:
+            return voices.catalog.resolve(None)
         raise VoiceNotFound(
             f"{err.message}; OpenAI's voice names ({', '.join(sorted(OPENAI_VOICES))}) "
-            f"speak with the default voice, {voices.default_voice}",
+            f"speak with the default voice, {voices.catalog.default_voice}",
             "voice",
         ) from None
 
@@ -112,31 +112,6 @@ async def list_models(request: Request) -> ModelList:
 async def list_audio_models(request: Request) -> AudioModelList:
     """The models of ``GET /v1/models`` as ``{"models": [...]}`` (what Open WebUI reads)."""
     return AudioModelList(models=_models(request))
-
-
-@router.get("/v1/audio/voices")
-async def list_audio_voices(request: Request) -> AudioVoiceList:
-    """The voices, with display names (``voices[].id`` / ``.name``, as Open WebUI reads)."""
-    voices: VoiceCatalog = request.app.state.gateway.voices
-    return AudioVoiceList(
-        voices=[
-            AudioVoiceInfo(
-                id=v.id,
-                name=_display_name(v),
-                speaker_id=v.speaker_id,
-                language=v.language,
-                gender=v.gender,
-            )
-            for v in voices
-        ],
-        default_voice=voices.default_voice,
-    )
-
-
-def _display_name(voice: Voice) -> str:
-    if not voice.language:
-        return voice.id
-    return f"{voice.language} ({voice.gender})" if voice.gender else voice.language
 
 
 @router.post(
@@ -172,7 +147,8 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
         temperature=body.temperature,
         request_id=request.headers.get("x-request-id"),
         text_param="input",
-        resolved_voice=resolve_voice(gateway.voices, body.voice),
+        resolved_voice=await resolve_voice(gateway.voices, body.voice),
+        ref_audio=body.ref_audio,
     )
     stream, first = await start_stream(service, job, "openai", request)
     try:

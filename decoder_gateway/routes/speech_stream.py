@@ -46,6 +46,7 @@ async def speech_stream(body: SpeechStreamRequest, request: Request) -> SpeechRe
         body.temperature,
         body.max_tokens,
         request_id=request.headers.get("x-request-id"),
+        ref_audio=body.ref_audio,
     )
     stream, first = await start_stream(service, job, "stream", request)
     headers = {**PCM_HEADERS, "X-Request-Id": job.request_id}

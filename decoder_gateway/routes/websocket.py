@@ -168,6 +168,7 @@ async def _speak(conn: Connection, gateway: Any, message: WebSocketSpeechMessage
             message.speaker_id,
             message.temperature,
             message.max_tokens,
+            ref_audio=message.ref_audio,
         )
         stream = await service.open(job, "websocket")
     except Exception as err:

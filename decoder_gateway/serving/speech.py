@@ -27,12 +27,13 @@ from ..metrics import Metrics
 from ..prompt import find_markup
 from ..settings import Settings
 from ..text import normalize_text, split_segments
-from ..voices import Voice, VoiceCatalog
+from ..voices import Voice
 from .admission import Admission, StreamSlots
 from .events import Audio, SpeechEvent
 from .job import SpeechJob, new_request_id
 from .scheduler import SegmentScheduler
 from .segment import SegmentSynthesis
+from .voices import VoiceService
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class SpeechService:
         settings: Settings,
         llm: LLMClient,
         worker: DecodeWorker,
-        voices: VoiceCatalog,
+        voices: VoiceService,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
@@ -74,8 +75,13 @@ class SpeechService:
         *,
         text_param: str = "text",
         resolved_voice: Voice | None = None,
+        ref_audio: str | None = None,
     ) -> SpeechJob:
-        """Validate a request; raises InvalidRequest / VoiceNotFound naming the field."""
+        """Validate a request; raises InvalidRequest / VoiceNotFound naming the field.
+
+        ``ref_audio`` (a base64 ``data:`` URL) clones a voice for this request only;
+        the voice named beside it, if any, gives the speaker id of the prompt.
+        """
         limit = self.settings.max_text_chars
         if len(text) > limit:
             raise InvalidRequest(
@@ -104,7 +110,9 @@ class SpeechService:
                 f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}",
                 "max_tokens",
             )
-        voice_entry = resolved_voice or self.voices.resolve(voice, speaker_id)
+        voice_entry = resolved_voice or await self.voices.resolve(voice, speaker_id)
+        if ref_audio is not None:
+            voice_entry = await self.voices.inline(ref_audio, voice_entry)
         return SpeechJob(
             text, segments, voice_entry, temperature, max_tokens, new_request_id(request_id)
         )
@@ -160,7 +168,10 @@ class SpeechStream:
         try:
             event = await anext(self._events)
         except StopAsyncIteration:
+            # All audio is out: account for it and free the slot now, not after the
+            # transport has flushed its last bytes.
             self.admission.completed = True
+            await self.aclose()
             raise
         except GatewayError as err:
             self._error = err

@@ -8,6 +8,13 @@
 // For tests and the curious, #status carries data-state (idle | connecting | streaming
 // | done | error | stopped), data-received-samples, data-end-samples, data-ttfa-ms and
 // data-rtf.
+//
+// Voices panel: clone a voice from a file or a microphone recording (MediaRecorder)
+// with POST v1/audio/voices (multipart: audio_sample, name and optional fields), delete
+// a cloned one with DELETE v1/audio/voices/{name}. GET v1/voices lists every voice
+// (cloned: true for the clones); GET . says whether the server can clone (cloning).
+// #clone-status carries data-state (idle | recording | recorded | invalid | uploading |
+// added | deleting | deleted | error).
 "use strict";
 
 const SAMPLE_RATE = 16000; // what the gateway sends; AudioBuffers at this rate are resampled
@@ -28,6 +35,36 @@ const ui = {
   rtf: document.getElementById("rtf"),
   received: document.getElementById("received"),
   apiKey: document.getElementById("api-key"),
+};
+
+const voicesUi = {
+  note: document.getElementById("cloning-note"),
+  form: document.getElementById("clone-form"),
+  file: document.getElementById("clip-file"),
+  record: document.getElementById("record"),
+  recordStop: document.getElementById("record-stop"),
+  recordTime: document.getElementById("record-time"),
+  recordHint: document.getElementById("record-hint"),
+  preview: document.getElementById("preview"),
+  previewAudio: document.getElementById("clip-preview"),
+  clipSummary: document.getElementById("clip-summary"),
+  name: document.getElementById("voice-name"),
+  language: document.getElementById("voice-language"),
+  gender: document.getElementById("voice-gender"),
+  description: document.getElementById("voice-description"),
+  refText: document.getElementById("voice-ref-text"),
+  baseVoice: document.getElementById("base-voice"),
+  consent: document.getElementById("voice-consent"),
+  add: document.getElementById("add-voice"),
+  status: document.getElementById("clone-status"),
+  error: document.getElementById("clone-error"),
+  selectedVoice: document.getElementById("selected-voice"),
+  selectedKind: document.getElementById("selected-kind"),
+  deleteVoice: document.getElementById("delete-voice"),
+  confirm: document.getElementById("delete-confirm"),
+  confirmQuestion: document.getElementById("delete-question"),
+  confirmYes: document.getElementById("delete-yes"),
+  confirmNo: document.getElementById("delete-no"),
 };
 
 // With GATEWAY_API_KEY set, fetches carry it as a Bearer token and the WebSocket
@@ -136,17 +173,21 @@ function setStatus(state, text) {
   ui.status.textContent = text;
 }
 
-function showError(title, message, code) {
-  ui.error.replaceChildren();
+function fillError(element, title, message, code) {
+  element.replaceChildren();
   const heading = document.createElement("strong");
   heading.textContent = title;
-  ui.error.append(heading, document.createTextNode(message));
+  element.append(heading, document.createTextNode(message));
   if (code) {
     const codeElement = document.createElement("code");
     codeElement.textContent = ` (${code})`;
-    ui.error.append(codeElement);
+    element.append(codeElement);
   }
-  ui.error.hidden = false;
+  element.hidden = false;
+}
+
+function showError(title, message, code) {
+  fillError(ui.error, title, message, code);
 }
 
 function clearError() {
@@ -334,15 +375,39 @@ async function speak() {
   ui.stop.disabled = false;
 }
 
-async function errorMessageOf(response) {
+/** The gateway's {"error": {message, code, param}}, or what can be said without it. */
+async function errorOf(response) {
   try {
-    return (await response.json()).error.message;
+    const { error } = await response.json();
+    if (typeof error?.message === "string") return error;
   } catch {
-    return `HTTP ${response.status}`;
+    // not JSON: a proxy's page, say
   }
+  return { message: `HTTP ${response.status} ${response.statusText}`.trim(), code: null };
 }
 
-async function loadVoices() {
+async function errorMessageOf(response) {
+  return (await errorOf(response)).message;
+}
+
+let voicesById = new Map(); // id -> {id, speaker_id, language, gender, cloned}
+let defaultVoice = null;
+
+function voiceLabel(voice) {
+  const about = [voice.language, voice.gender].filter(Boolean).join(", ");
+  if (voice.cloned) return about ? `${voice.id} (cloned): ${about}` : `${voice.id} (cloned)`;
+  return `${about} (${voice.id})`;
+}
+
+function optionGroup(label, voices, selected) {
+  const group = document.createElement("optgroup");
+  group.label = label;
+  group.append(...voices.map((v) => new Option(voiceLabel(v), v.id, false, v.id === selected)));
+  return group;
+}
+
+/** Fills the voice pickers; selects `select`, else the current voice, else the default. */
+async function loadVoices(select = null) {
   try {
     const [voicesResponse, info] = await Promise.all([
       fetch(apiUrl("v1/voices"), { headers: authHeaders() }),
@@ -350,22 +415,357 @@ async function loadVoices() {
         .then((response) => (response.ok ? response.json() : null))
         .catch(() => null),
     ]);
+    showCloning(info);
     if (!voicesResponse.ok) throw new Error(await errorMessageOf(voicesResponse));
     const { voices } = await voicesResponse.json();
-    ui.voice.replaceChildren(
-      ...voices.map((voice) => {
-        const label = `${voice.language}, ${voice.gender} (${voice.id})`;
-        return new Option(label, voice.id, false, voice.id === info?.default_voice);
-      }),
+    voicesById = new Map(voices.map((voice) => [voice.id, voice]));
+    defaultVoice = info?.default_voice ?? null;
+    const wanted = [select, ui.voice.value, defaultVoice].find((id) => voicesById.has(id));
+    const packaged = voices.filter((voice) => !voice.cloned);
+    const cloned = voices.filter((voice) => voice.cloned);
+    ui.voice.replaceChildren(optionGroup("Built-in voices", packaged, wanted));
+    if (cloned.length) ui.voice.append(optionGroup("Cloned voices", cloned, wanted));
+    const base = voicesUi.baseVoice.value;
+    voicesUi.baseVoice.replaceChildren(
+      new Option("The server’s choice", ""),
+      ...packaged.map((v) => new Option(voiceLabel(v), v.id, false, v.id === base)),
     );
     ui.voice.disabled = false;
     ui.speak.disabled = false;
     setStatus("idle", "Ready.");
   } catch (error) {
+    voicesById = new Map();
     ui.voice.replaceChildren(new Option("No voices", ""));
     showError("Could not load the voices", error.message);
     setStatus("error", "The voices could not be loaded.");
   }
+  showSelectedVoice();
+}
+
+// -- voices panel: clone, delete ------------------------------------------------------
+
+const VOICE_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+const MAX_CLIP_BYTES = 10 * 1024 * 1024; // the server's limit (413 above it)
+const MIN_CLIP_S = 0.5;
+const MAX_RECORDING_S = 60;
+const RECORDING_TYPES = [
+  "audio/webm;codecs=opus",
+  "audio/ogg;codecs=opus",
+  "audio/webm",
+  "audio/mp4",
+];
+
+let clip = null; // {blob, filename, seconds (recordings only)}
+let recording = null; // {recorder, stream, chunks, startedAt, timer}
+let previewUrl = null;
+
+function setCloneStatus(state, text) {
+  voicesUi.status.dataset.state = state;
+  voicesUi.status.textContent = text;
+}
+
+function showCloneError(title, message, code) {
+  fillError(voicesUi.error, title, message, code);
+}
+
+function clearCloneError() {
+  voicesUi.error.hidden = true;
+  voicesUi.error.replaceChildren();
+  voicesUi.name.removeAttribute("aria-invalid");
+}
+
+/** What GET / said: the clone form, or a note saying why there is none. */
+function showCloning(info) {
+  const available = info?.cloning === true;
+  voicesUi.form.hidden = !available;
+  voicesUi.note.hidden = available;
+  if (available) return;
+  if (recording) stopRecording();
+  voicesUi.note.textContent =
+    info === null
+      ? "Voice cloning: the server's information (GET /) could not be loaded, so adding " +
+        "voices is off. If the server has an API key, type it above."
+      : "Voice cloning is not available on this server: its BiCodec checkpoint has no " +
+        "speaker encoder. Voices cloned elsewhere into its library can still be used " +
+        "and deleted.";
+}
+
+function showSelectedVoice() {
+  const voice = voicesById.get(ui.voice.value);
+  voicesUi.selectedVoice.textContent = voice ? voice.id : "–";
+  voicesUi.selectedKind.textContent = !voice
+    ? ""
+    : voice.cloned
+      ? "(cloned)"
+      : "(built-in: cannot be deleted)";
+  voicesUi.deleteVoice.disabled = !voice?.cloned;
+  hideConfirm(false);
+}
+
+function formatBytes(bytes) {
+  return bytes < 1024 * 1024
+    ? `${Math.max(1, Math.round(bytes / 1024))} kB`
+    : `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+function setClip(newClip) {
+  clip = newClip;
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = clip ? URL.createObjectURL(clip.blob) : null;
+  voicesUi.preview.hidden = !clip;
+  if (!clip) {
+    voicesUi.previewAudio.removeAttribute("src");
+    voicesUi.clipSummary.textContent = "";
+    return;
+  }
+  voicesUi.previewAudio.src = previewUrl;
+  const size = formatBytes(clip.blob.size);
+  voicesUi.clipSummary.textContent =
+    clip.seconds === undefined
+      ? `File ${clip.filename}, ${size}.`
+      : `Recording, ${clip.seconds.toFixed(1)} s, ${size} (${clip.blob.type || "audio"}).`;
+}
+
+function recordingProblem() {
+  if (!window.isSecureContext) {
+    return "Recording needs a secure page (HTTPS, or localhost); choose a file instead.";
+  }
+  if (!navigator.mediaDevices?.getUserMedia || typeof MediaRecorder === "undefined") {
+    return "This browser cannot record audio (MediaRecorder); choose a file instead.";
+  }
+  return null;
+}
+
+function extensionOf(mimeType) {
+  if (mimeType.includes("ogg")) return "ogg";
+  if (mimeType.includes("mp4")) return "m4a";
+  return "webm";
+}
+
+function showRecordTime(seconds) {
+  voicesUi.recordTime.textContent = `${seconds.toFixed(1)} s`;
+}
+
+async function startRecording() {
+  clearCloneError();
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (error) {
+    showCloneError("Could not use the microphone", error.message || error.name);
+    setCloneStatus("error", "Recording failed.");
+    return;
+  }
+  const mimeType = RECORDING_TYPES.find((type) => MediaRecorder.isTypeSupported(type));
+  const recorder = new MediaRecorder(stream, mimeType ? { mimeType } : undefined);
+  const current = { recorder, stream, chunks: [], startedAt: performance.now(), timer: null };
+  recorder.addEventListener("dataavailable", (event) => {
+    if (event.data.size > 0) current.chunks.push(event.data);
+  });
+  recorder.addEventListener("stop", () => finishRecording(current));
+  current.timer = setInterval(() => {
+    const seconds = (performance.now() - current.startedAt) / 1000;
+    showRecordTime(seconds);
+    if (seconds >= MAX_RECORDING_S) stopRecording();
+  }, 100);
+  recording = current;
+  recorder.start();
+  setClip(null);
+  voicesUi.file.value = "";
+  voicesUi.file.disabled = true;
+  voicesUi.record.disabled = true;
+  voicesUi.recordStop.disabled = false;
+  voicesUi.add.disabled = true;
+  voicesUi.recordStop.focus();
+  showRecordTime(0);
+  voicesUi.recordTime.dataset.recording = "true";
+  setCloneStatus("recording", "Recording… press “Stop recording” when done.");
+}
+
+function stopRecording() {
+  if (recording?.recorder.state === "recording") recording.recorder.stop();
+}
+
+function finishRecording(current) {
+  clearInterval(current.timer);
+  for (const track of current.stream.getTracks()) track.stop();
+  if (recording === current) recording = null;
+  const seconds = (performance.now() - current.startedAt) / 1000;
+  showRecordTime(seconds);
+  delete voicesUi.recordTime.dataset.recording;
+  voicesUi.file.disabled = false;
+  voicesUi.record.disabled = false;
+  voicesUi.recordStop.disabled = true;
+  voicesUi.add.disabled = false;
+  const type = current.recorder.mimeType || current.chunks[0]?.type || "audio/webm";
+  const blob = new Blob(current.chunks, { type });
+  if (blob.size === 0) {
+    showCloneError("Nothing was recorded", "The microphone gave no audio.");
+    setCloneStatus("error", "Recording failed.");
+    return;
+  }
+  setClip({ blob, filename: `recording.${extensionOf(type)}`, seconds });
+  voicesUi.record.focus();
+  setCloneStatus(
+    "recorded",
+    `Recorded ${seconds.toFixed(1)} s. Listen to the preview, name the voice, then add it.`,
+  );
+}
+
+/** Checks what the browser can check; the server checks the rest. */
+function invalidClone(name) {
+  if (!clip) return ["No clip", "Choose an audio file or record one first.", voicesUi.file];
+  if (clip.blob.size > MAX_CLIP_BYTES) {
+    const size = formatBytes(clip.blob.size);
+    return ["The clip is too large", `It is ${size}; the server takes at most 10 MB.`, null];
+  }
+  if (clip.seconds !== undefined && clip.seconds < MIN_CLIP_S) {
+    return ["The recording is too short", `Record at least ${MIN_CLIP_S} s.`, null];
+  }
+  if (!VOICE_NAME.test(name)) {
+    const title = name ? `“${name}” is not a valid name` : "The voice needs a name";
+    return [title, "Use 1 to 64 letters, digits, _ or - (no spaces).", voicesUi.name];
+  }
+  return null;
+}
+
+async function addVoice() {
+  clearCloneError();
+  const name = voicesUi.name.value.trim();
+  const problem = invalidClone(name);
+  if (problem) {
+    const [title, message, field] = problem;
+    showCloneError(title, message);
+    if (field === voicesUi.name) voicesUi.name.setAttribute("aria-invalid", "true");
+    field?.focus();
+    setCloneStatus("invalid", "Not added.");
+    return;
+  }
+  const body = new FormData();
+  body.append("audio_sample", clip.blob, clip.filename);
+  body.append("name", name);
+  const optional = {
+    language: voicesUi.language.value.trim(),
+    gender: voicesUi.gender.value,
+    speaker_description: voicesUi.description.value.trim(),
+    ref_text: voicesUi.refText.value.trim(),
+    base_voice: voicesUi.baseVoice.value,
+    consent: voicesUi.consent.checked ? "The speaker agreed to have their voice cloned." : "",
+  };
+  for (const [key, value] of Object.entries(optional)) if (value) body.append(key, value);
+
+  voicesUi.add.disabled = true;
+  setCloneStatus("uploading", `Cloning “${name}”…`);
+  try {
+    const response = await fetch(apiUrl("v1/audio/voices"), {
+      method: "POST",
+      headers: authHeaders(),
+      body,
+    });
+    if (!response.ok) {
+      const error = await errorOf(response);
+      showCloneError("The server did not add the voice", error.message, error.code);
+      if (error.param === "name") {
+        voicesUi.name.setAttribute("aria-invalid", "true");
+        voicesUi.name.focus();
+      }
+      setCloneStatus("error", "Not added.");
+      return;
+    }
+    const { voice } = await response.json();
+    voicesUi.form.reset();
+    setClip(null);
+    showRecordTime(0);
+    await loadVoices(voice.id);
+    setCloneStatus(
+      "added",
+      `Added the voice “${voice.id}”; it is selected in the voice picker.`,
+    );
+  } catch (error) {
+    showCloneError("Could not upload the clip", error.message);
+    setCloneStatus("error", "Not added.");
+  } finally {
+    voicesUi.add.disabled = recording !== null;
+  }
+}
+
+function askToDelete() {
+  const voice = voicesById.get(ui.voice.value);
+  if (!voice?.cloned) return;
+  clearCloneError();
+  voicesUi.confirm.dataset.voice = voice.id;
+  voicesUi.confirmQuestion.textContent =
+    `Delete the cloned voice “${voice.id}”? This cannot be undone.`;
+  voicesUi.confirm.hidden = false;
+  voicesUi.deleteVoice.disabled = true;
+  voicesUi.confirmNo.focus();
+}
+
+function hideConfirm(refocus) {
+  if (voicesUi.confirm.hidden) return;
+  voicesUi.confirm.hidden = true;
+  delete voicesUi.confirm.dataset.voice;
+  voicesUi.deleteVoice.disabled = !voicesById.get(ui.voice.value)?.cloned;
+  if (refocus) voicesUi.deleteVoice.focus();
+}
+
+async function deleteVoice() {
+  const name = voicesUi.confirm.dataset.voice;
+  if (!name) return;
+  voicesUi.confirmYes.disabled = true;
+  setCloneStatus("deleting", `Deleting “${name}”…`);
+  try {
+    const response = await fetch(apiUrl(`v1/audio/voices/${encodeURIComponent(name)}`), {
+      method: "DELETE",
+      headers: authHeaders(),
+    });
+    if (!response.ok) {
+      const error = await errorOf(response);
+      showCloneError("The server did not delete the voice", error.message, error.code);
+      setCloneStatus("error", "Not deleted.");
+      hideConfirm(true);
+      return;
+    }
+    hideConfirm(false);
+    await loadVoices(ui.voice.value === name ? defaultVoice : null);
+    setCloneStatus("deleted", `Deleted the voice “${name}”.`);
+    ui.voice.focus();
+  } catch (error) {
+    showCloneError("Could not delete the voice", error.message);
+    setCloneStatus("error", "Not deleted.");
+    hideConfirm(true);
+  } finally {
+    voicesUi.confirmYes.disabled = false;
+  }
+}
+
+function wireVoicesPanel() {
+  const problem = recordingProblem();
+  if (problem) {
+    voicesUi.record.disabled = true;
+    voicesUi.recordHint.textContent = problem;
+    voicesUi.recordHint.hidden = false;
+  }
+  voicesUi.file.addEventListener("change", () => {
+    clearCloneError();
+    const file = voicesUi.file.files[0];
+    setClip(file ? { blob: file, filename: file.name } : null);
+    setCloneStatus("idle", file ? `Chose ${file.name}.` : "");
+  });
+  voicesUi.record.addEventListener("click", () => startRecording());
+  voicesUi.recordStop.addEventListener("click", stopRecording);
+  voicesUi.name.addEventListener("input", () => voicesUi.name.removeAttribute("aria-invalid"));
+  voicesUi.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    addVoice();
+  });
+  voicesUi.deleteVoice.addEventListener("click", askToDelete);
+  voicesUi.confirmNo.addEventListener("click", () => hideConfirm(true));
+  voicesUi.confirmYes.addEventListener("click", () => deleteVoice());
+  voicesUi.confirm.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") hideConfirm(true);
+  });
+  ui.voice.addEventListener("change", showSelectedVoice);
 }
 
 ui.speak.disabled = true;
@@ -391,5 +791,6 @@ ui.text.addEventListener("keydown", (event) => {
     ui.form.requestSubmit();
   }
 });
+wireVoicesPanel();
 setStatus("idle", "Loading voices…");
 loadVoices();
