@@ -66,6 +66,12 @@ class VoiceCloningUnavailable(GatewayError):
     status, code = 501, "cloning_unavailable"
 
 
+class NoSuchVoice(VoiceNotFound):
+    """A path names a cloned voice that is not in the library (GET / DELETE)."""
+
+    status = 404
+
+
 class Overloaded(GatewayError):
     status, code = 429, "too_many_streams"
 

@@ -17,7 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..clips import Clip, decode_clip, decode_data_url
 from ..codec import SpeakerEncoder
-from ..errors import InvalidRequest, VoiceCloningUnavailable, VoiceExists, VoiceNotFound
+from ..errors import (
+    InvalidRequest,
+    NoSuchVoice,
+    VoiceCloningUnavailable,
+    VoiceExists,
+    VoiceNotFound,
+)
 from ..metrics import Metrics
 from ..settings import Settings
 from ..voice_library import ClonedVoice, VoiceLibrary, check_name
@@ -176,8 +182,8 @@ class VoiceService:
         self.metrics.voice_clone_seconds.observe(time.perf_counter() - started)
         return tokens
 
-    def _not_found(self, name: str) -> VoiceNotFound:
-        return VoiceNotFound(f"no cloned voice named {name!r}", "name")
+    def _not_found(self, name: str) -> NoSuchVoice:
+        return NoSuchVoice(f"no cloned voice named {name!r}", "name")
 
 
 def _extension(filename: str | None) -> str:

@@ -55,6 +55,8 @@ class GatewayServer(ServerProcess):
                 "MODEL_NAME": "tiny-spark",
                 "LOG_LEVEL": "info",
                 "PYTHONUNBUFFERED": "1",
+                # Its own voice library, never the user's (~/.cache/...).
+                "VOICE_LIBRARY_DIR": str(Path(log_dir) / f"voices-{self.port}"),
                 **env,
             },
             cwd=REPO,

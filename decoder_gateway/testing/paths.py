@@ -12,3 +12,6 @@ GOLDEN_BICODEC = REPO / "tests" / "data" / "bicodec" / "golden_small"
 
 LAUNCHER = REPO / "launch_vllm.sh"
 """The script that starts vLLM from environment variables (compose and tests)."""
+
+GOLDEN_SPEAKER = REPO / "tests" / "data" / "bicodec" / "golden_speaker"
+"""A small BiCodec checkpoint with the speaker encoder (cloning), with golden outputs."""
