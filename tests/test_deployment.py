@@ -343,10 +343,16 @@ def _dockerfile_env(name: str) -> dict[str, str]:
 
 def test_compose_shares_one_hf_cache_volume_mounted_at_each_hf_home():
     compose = compose_with({})
-    assert set(compose["volumes"]) == {"hf-cache"}
+    assert set(compose["volumes"]) == {"hf-cache", "voice-library"}
     for name, dockerfile in (("vllm", "Dockerfile.vllm"), ("gateway", "Dockerfile.gateway")):
         hf_home = _dockerfile_env(dockerfile)["HF_HOME"]
-        assert compose["services"][name]["volumes"] == [f"hf-cache:{hf_home}"]
+        assert compose["services"][name]["volumes"][0] == f"hf-cache:{hf_home}"
+    # Cloned voices survive container restarts on their own volume, where the image
+    # (and the settings) put them.
+    library = _dockerfile_env("Dockerfile.gateway")["VOICE_LIBRARY_DIR"]
+    gateway = compose["services"]["gateway"]
+    assert gateway["volumes"][1] == f"voice-library:{library}"
+    assert gateway["environment"]["VOICE_LIBRARY_DIR"] == library
     cache_dir = compose["services"]["gateway"]["environment"]["TOKENIZER_CACHE_DIR"]
     assert cache_dir.startswith(_dockerfile_env("Dockerfile.gateway")["HF_HOME"] + "/")
 
