@@ -34,6 +34,7 @@ from the example's own text, which is read out of the block.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -51,6 +52,7 @@ from decoder_gateway.encoders import resampled_length
 from decoder_gateway.prompt import speaker_prompt
 from decoder_gateway.settings import Settings
 from decoder_gateway.testing.gateway_server import REPO
+from decoder_gateway.testing.paths import GOLDEN_SPEAKER
 from decoder_gateway.testing.standin_llm import expected_semantic_count
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
@@ -229,6 +231,14 @@ def check_curl_ffmpeg(block: Block, result, workdir: Path) -> None:
     assert wav_frames(workdir / "out.wav") == expected_samples(text)
 
 
+def check_curl_clone(block: Block, result, workdir: Path) -> None:
+    """The clip became a voice, which then spoke the text (with the clip's tokens)."""
+    voice = json.loads(result.stdout)["voice"]
+    assert voice["name"] == "amina" and len(voice["global_tokens"]) == 32
+    (text,) = spoken_texts(block.code)
+    assert wav_frames(workdir / "out.wav") == expected_samples(text)
+
+
 def check_curl_openai(block: Block, result, workdir: Path) -> None:
     (text,) = spoken_texts(block.code)
     rate, channels, samples = decoded(workdir / "speech.flac")
@@ -268,6 +278,8 @@ class Example:
     language: str
     claims: Callable[[str], bool]  # does this block belong to the example?
     check: Callable[[Block, subprocess.CompletedProcess[str], Path], None]
+    # Needs a gateway that can clone (the golden speaker checkpoint) and a clip to clone.
+    cloning: bool = False
 
 
 EXAMPLES = [
@@ -277,7 +289,13 @@ EXAMPLES = [
     Example("python-requests", "python", lambda c: "import requests" in c, check_python_http),
     Example("python-openai-sdk", "python", lambda c: "from openai import" in c, check_openai_sdk),
     Example("node-fetch", "js", lambda c: "fetch(" in c, check_node_fetch),
-    Example("curl-ffmpeg", "bash", lambda c: "curl " in c and "| ffmpeg" in c, check_curl_ffmpeg),
+    Example(
+        "curl-ffmpeg",
+        "bash",
+        lambda c: "curl " in c and "| ffmpeg" in c and "/v1/audio/voices" not in c,
+        check_curl_ffmpeg,
+    ),
+    Example("curl-clone", "bash", lambda c: "/v1/audio/voices" in c, check_curl_clone, True),
     Example(
         "curl-openai",
         "bash",
@@ -310,8 +328,11 @@ def test_every_runnable_block_is_one_tested_example():
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
-def test_example_runs_as_written(example: Example, gateway, llm, tmp_path):
+def test_example_runs_as_written(example: Example, gateway, make_gateway, llm, tmp_path):
     (block,) = [b for b in runnable_blocks() if claimants(b) == [example]]
+    if example.cloning:
+        gateway = make_gateway(BICODEC_DIR=str(GOLDEN_SPEAKER))
+        shutil.copy(GOLDEN_SPEAKER / "clips" / "case_0.wav", tmp_path / "amina.wav")
     result = run_block(block, gateway, tmp_path)
     example.check(block, result, tmp_path)
     assert llm.stats()["received"] > 0  # the audio came through the gateway and the LLM
