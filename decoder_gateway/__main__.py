@@ -9,7 +9,10 @@ from pydantic import ValidationError
 
 from .app import create_app
 from .logs import configure
-from .settings import Settings
+from .serving.voices import check_voice_aliases
+from .settings import Settings, SettingsConflict
+from .voice_library import VoiceLibrary
+from .voices import VoiceCatalog
 
 
 def read_settings() -> Settings:
@@ -25,8 +28,21 @@ def read_settings() -> Settings:
         sys.exit("decoder_gateway: invalid settings\n" + "\n".join(lines))
 
 
+def check_voices(settings: Settings) -> None:
+    """Voice settings that need the catalog and the library (VOICE_ALIASES)."""
+    try:
+        check_voice_aliases(
+            settings.alias_map(),
+            VoiceCatalog.load(settings.voices_file),
+            VoiceLibrary(settings.library_folder()),
+        )
+    except (SettingsConflict, ValueError, OSError) as err:
+        sys.exit(f"decoder_gateway: invalid settings\n  {err}")
+
+
 def main() -> None:
     settings = read_settings()
+    check_voices(settings)
     log_config = configure(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),

@@ -27,7 +27,16 @@ from .errors import GatewayError
 from .llm import LLMClient
 from .metrics import Metrics
 from .middleware import BodySizeLimit, WebSocketOriginCheck
-from .routes import errors, info, openai_speech, speech_stream, voices, web, websocket
+from .routes import (
+    errors,
+    info,
+    openai_speech,
+    speech_stream,
+    text_stream,
+    voices,
+    web,
+    websocket,
+)
 from .serving import SpeechService
 from .serving.voices import VoiceService
 from .settings import Settings
@@ -152,6 +161,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_body_bytes, per_path=settings.body_limits()
     )
-    for module in (info, speech_stream, websocket, openai_speech, voices, web):
+    for module in (info, speech_stream, websocket, text_stream, openai_speech, voices, web):
         app.include_router(module.router)
     return app

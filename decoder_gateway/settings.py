@@ -7,6 +7,7 @@ Read once at start-up (``Settings()``) and passed down; nothing below reads
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,9 @@ MIN_TOKENS_PER_CHAR = 3
 MIN_SLOW_CLIENT_TIMEOUT_S = 2.0
 # UTF-8 takes up to 4 bytes per character; the rest of a request's JSON is small.
 MAX_BYTES_PER_CHAR, JSON_OVERHEAD_BYTES = 4, 1024
+
+
+ALIAS_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class SettingsConflict(ValueError):
@@ -62,6 +66,9 @@ class Settings(BaseSettings):
     # unset: decoder_gateway/voices under the user's cache folder.
     voice_library_dir: Path | None = None
     keep_voice_clips: bool = False  # also store each uploaded clip beside its voice
+    # Other names for voices, "alloy=swahili_male,echo=acholi_female": clients that only
+    # know OpenAI's voice names (pipecat, LiveKit) can then reach every voice.
+    voice_aliases: str = ""
     max_clip_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="POST /v1/audio/voices")
     max_inline_clip_bytes: int = Field(
         512 * 1024, ge=0, description="ref_audio on the speech endpoints (0: refused)"
@@ -107,6 +114,20 @@ class Settings(BaseSettings):
     ws_auth_timeout_s: float = Field(10.0, gt=0, description="wait for a first auth message")
 
     log_format: Literal["text", "json"] = "text"
+
+    def alias_map(self) -> dict[str, str]:
+        """VOICE_ALIASES as {alias: voice id}; a malformed entry raises ValueError."""
+        aliases: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.voice_aliases.split(","))):
+            alias, sep, voice = (piece.strip() for piece in entry.partition("="))
+            if not sep or not ALIAS_NAME.fullmatch(alias) or not ALIAS_NAME.fullmatch(voice):
+                raise ValueError(
+                    f"VOICE_ALIASES entry {entry!r} is not alias=voice (names of A-Z a-z 0-9 _ -)"
+                )
+            if alias in aliases:
+                raise ValueError(f"VOICE_ALIASES names {alias!r} twice")
+            aliases[alias] = voice
+        return aliases
 
     def library_folder(self) -> Path:
         if self.voice_library_dir is not None:
@@ -156,6 +177,10 @@ class Settings(BaseSettings):
                 f"MAX_INLINE_CLIP_BYTES={self.max_inline_clip_bytes} is over "
                 f"MAX_CLIP_BYTES={self.max_clip_bytes}"
             )
+        try:
+            self.alias_map()
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise SettingsConflict("settings contradict each other: " + "; ".join(problems))
         return self

@@ -261,7 +261,9 @@ def test_punctuation_only_input_is_dropped(text: str) -> None:
 
 
 def test_punctuation_only_segments_merge_into_a_neighbour() -> None:
-    assert split_segments("Hello.\n***\nWorld.") == ["Hello. ***", "World."]
+    # Across a line break only forwards: a line break settles what came before it.
+    assert split_segments("Hello.\n***\nWorld.") == ["Hello.", "*** World."]
+    assert split_segments("Hello.\n***") == ["Hello."]
     assert split_segments("***\nHello.") == ["*** Hello."]
     assert split_segments("Hello. ?!") == ["Hello. ?!"]
     assert split_segments("?! Hello.") == ["?! Hello."]
@@ -307,7 +309,8 @@ def test_long_sentence_split_at_clauses() -> None:
     assert " ".join(segments) == sentence
     assert len(segments) == math.ceil(len(sentence) / 300)
     assert all(segment.endswith(",") for segment in segments[:-1])
-    assert max(map(len, segments)) - min(map(len, segments)) < 100  # balanced
+    # Greedy (rule 3): each piece takes as many whole clauses as fit.
+    assert all(len(segment) + len(f" {clause},") > 300 for segment in segments[:-1])
 
 
 def test_long_sentence_prefers_strong_boundary() -> None:
@@ -317,11 +320,27 @@ def test_long_sentence_prefers_strong_boundary() -> None:
     assert segments == [f"{left}, {_words(2)};", f"{right}."]
 
 
-def test_long_sentence_prefers_clause_nearest_the_middle() -> None:
+def test_long_sentence_takes_the_last_clause_in_reach() -> None:
+    # The cut reads only the first max_chars + 2 characters, so it cannot balance
+    # the pieces (it was [0, 1] + [2, 3] when cuts were balanced over the sentence).
     parts = [_words(10), _words(10), _words(10), _words(10)]  # 79 characters each
     sentence = ", ".join(parts) + "."
     segments = split_segments(sentence, max_chars=300)
-    assert segments == [f"{parts[0]}, {parts[1]},", f"{parts[2]}, {parts[3]}."]
+    assert segments == [f"{parts[0]}, {parts[1]}, {parts[2]},", f"{parts[3]}."]
+
+
+def test_long_sentence_strong_mark_beats_a_later_comma_only_when_close() -> None:
+    near = f"{_words(10)}; {_words(2)}, {_words(30)}."  # ";" at 80, "," at 97
+    assert split_segments(near, max_chars=100)[0] == f"{_words(10)};"
+    far = f"{_words(5)}; {_words(7)}, {_words(30)}."  # ";" at 40, "," at 96
+    assert split_segments(far, max_chars=100)[0] == f"{_words(5)}; {_words(7)},"
+
+
+def test_long_sentence_short_first_clause_loses_to_a_word_cut() -> None:
+    sentence = f"Yes, {_words(40)}."
+    segments = split_segments(sentence, max_chars=100)
+    assert segments[0] != "Yes,"
+    assert len(segments[0]) > 90
 
 
 @pytest.mark.parametrize("dash", ["—", "–", "-"])

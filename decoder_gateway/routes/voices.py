@@ -75,7 +75,11 @@ async def list_audio_voices(request: Request) -> AudioVoiceList:
         )
         for v in await service.cloned()
     ]
-    return AudioVoiceList(voices=packaged + cloned, default_voice=service.catalog.default_voice)
+    return AudioVoiceList(
+        voices=packaged + cloned,
+        default_voice=service.catalog.default_voice,
+        aliases=service.aliases,
+    )
 
 
 @router.post("/v1/audio/voices", status_code=201, responses=_ERRORS)

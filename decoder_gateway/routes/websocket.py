@@ -18,61 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ..audio import to_pcm16
-from ..auth import authorized, key_matches
+from ..auth import key_matches
 from ..errors import GatewayError, SlowClient
 from ..protocol import (
     AuthReply,
     EndMessage,
     ErrorMessage,
+    SegmentMessage,
     StartMessage,
     WebSocketSpeechMessage,
 )
+from ..serving import Audio, SegmentEnd, SegmentStart
 from .errors import ws_error_frame
+from .ws_session import Connection, authenticate, decode_message
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
 
 _CLOSED = object()
 POLICY_VIOLATION = 1008
-
-
-class Connection:
-    """A WebSocket whose sends never interleave (reader and speaker both send) and
-    each have a deadline; a send past it raises SlowClient and marks the connection
-    stalled (nothing more is sent on it)."""
-
-    def __init__(self, ws: WebSocket, send_timeout_s: float) -> None:
-        self.ws = ws
-        self.send_timeout_s = send_timeout_s
-        self.stalled: SlowClient | None = None
-        self._lock = asyncio.Lock()
-
-    async def send(self, message: BaseModel | dict[str, Any]) -> None:
-        data = message.model_dump() if isinstance(message, BaseModel) else message
-        await self._send({"type": "websocket.send", "text": json.dumps(data)})
-
-    async def send_audio(self, pcm: bytes) -> None:
-        await self._send({"type": "websocket.send", "bytes": pcm})
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        if self.stalled is not None:
-            raise self.stalled
-        async with self._lock:
-            try:
-                await asyncio.wait_for(self.ws.send(message), self.send_timeout_s)
-            except TimeoutError:
-                self.stalled = SlowClient(
-                    f"the client took nothing for {self.send_timeout_s:g} s; connection cut off"
-                )
-                raise self.stalled from None
 
 
 def _invalid_request(err: ValidationError, data: dict[str, Any]) -> ErrorMessage:
@@ -87,26 +58,9 @@ def parse_message(
     raw: dict, max_bytes: int, api_key: str | None = None
 ) -> WebSocketSpeechMessage | ErrorMessage | AuthReply:
     """A client frame -> a speech message, or the frame that answers it at once."""
-    if raw.get("bytes") is not None:
-        return ErrorMessage(
-            message="binary frames are not accepted; send JSON text messages",
-            code="invalid_message",
-        )
-    text = raw.get("text") or ""
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        return ErrorMessage(
-            message=f"message of {size} bytes is over the limit of {max_bytes}",
-            code="message_too_large",
-        )
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        return ErrorMessage(message=f"message is not valid JSON: {err}", code="invalid_json")
-    except RecursionError:
-        return ErrorMessage(message="message is nested too deeply", code="invalid_json")
-    if not isinstance(data, dict):
-        return ErrorMessage(message="message must be a JSON object", code="invalid_message")
+    data = decode_message(raw, max_bytes)
+    if isinstance(data, ErrorMessage):
+        return data
     if data.get("type") == "auth":  # also from clients already let in by their headers
         presented = data.get("api_key")
         if api_key and not (isinstance(presented, str) and key_matches(api_key, presented)):
@@ -174,20 +128,36 @@ async def _speak(conn: Connection, gateway: Any, message: WebSocketSpeechMessage
     except Exception as err:
         await conn.send(ws_error_frame(err, segment_id))
         return
+    rate = service.sample_rate
+    started = False
+    segment_starts: dict[int, tuple[str, int]] = {}  # index -> (text, first sample)
     try:
-        audio = stream.audio()
-        first = await anext(audio)  # before `start`: a failure before audio gets only an error
-        await conn.send(
-            StartMessage(
-                segment_id=segment_id,
-                speaker_id=job.voice.speaker_id,
-                voice=job.voice.id,
-                request_id=job.request_id,
-            )
-        )
-        await conn.send_audio(to_pcm16(first.samples))
-        async for chunk in audio:
-            await conn.send_audio(to_pcm16(chunk.samples))
+        async for event in stream:
+            if isinstance(event, SegmentStart):
+                segment_starts[event.index] = (event.text, stream.samples)
+            elif isinstance(event, Audio):
+                if not started:  # `start` waits for audio: an early failure gets only an error
+                    started = True
+                    await conn.send(
+                        StartMessage(
+                            segment_id=segment_id,
+                            speaker_id=job.voice.speaker_id,
+                            voice=job.voice.id,
+                            request_id=job.request_id,
+                        )
+                    )
+                await conn.send_audio(to_pcm16(event.samples))
+            elif isinstance(event, SegmentEnd) and message.timestamps:
+                text, first_sample = segment_starts.pop(event.index)
+                await conn.send(
+                    SegmentMessage(
+                        segment_id=segment_id,
+                        index=event.index,
+                        text=text,
+                        start_s=first_sample / rate,
+                        end_s=stream.samples / rate,
+                    )
+                )
         samples = stream.samples
         duration = samples / service.sample_rate
         await conn.send(EndMessage(segment_id=segment_id, samples=samples, duration_s=duration))
@@ -202,40 +172,13 @@ async def _speak(conn: Connection, gateway: Any, message: WebSocketSpeechMessage
         await stream.aclose(conn.stalled)
 
 
-async def _authenticate(conn: Connection, gateway: Any) -> bool:
-    """Headers first; else a first message {"type": "auth", "api_key": ...}."""
-    settings = gateway.settings
-    expected = settings.gateway_api_key
-    if authorized(expected, conn.ws.scope["headers"]):
-        return True
-    try:
-        raw = await asyncio.wait_for(conn.ws.receive(), timeout=settings.ws_auth_timeout_s)
-        data = json.loads(raw.get("text") or "")
-        presented = data.get("api_key") if data.get("type") == "auth" else None
-    except (TimeoutError, ValueError, RecursionError, AttributeError):
-        presented = None
-    if isinstance(presented, str) and key_matches(expected, presented):
-        await conn.send(AuthReply())
-        return True
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError, SlowClient):
-        await conn.send(
-            ErrorMessage(
-                message="missing or wrong API key: send an 'Authorization: Bearer <key>' header "
-                'or a first message {"type": "auth", "api_key": "<key>"}',
-                code="invalid_api_key",
-            )
-        )
-        await conn.ws.close(code=POLICY_VIOLATION)
-    return False
-
-
 @router.websocket("/v1/audio/speech/stream/ws")
 async def speech_websocket(ws: WebSocket) -> None:
     await ws.accept()
     gateway = ws.app.state.gateway
     settings = gateway.settings
     conn = Connection(ws, settings.slow_client_timeout_s)
-    if settings.gateway_api_key and not await _authenticate(conn, gateway):
+    if settings.gateway_api_key and not await authenticate(conn, gateway.settings):
         return
     inbox: asyncio.Queue[object] = asyncio.Queue(settings.ws_max_queued_messages)
     reader = asyncio.create_task(

@@ -6,6 +6,9 @@ finishes far sooner than sentence after sentence, with no gap between them. Each
 segment task fills a bounded queue (backpressure: a consumer that takes audio
 slowly slows its producers, it never makes them buffer without limit).
 
+Segments come from a :class:`SegmentSource`: a whole text's, all at once, or those of
+text that a client streams in, as the segmenter releases them.
+
 :meth:`SegmentScheduler.close` cancels every segment task and waits for them, so
 their upstream requests are aborted when it returns; the serving layer calls it
 before it releases the request's slot.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from ..errors import (
     GatewayError,
@@ -35,12 +38,57 @@ _END = object()  # closes a segment's queue
 _UPSTREAM_ERRORS = (UpstreamError, UpstreamUnavailable, NoAudioGenerated)
 
 
+class SegmentSource:
+    """The segments of one request, in order: all known at once (a whole text), or
+    arriving while it plays (text streamed in by a client), until :meth:`close`."""
+
+    def __init__(self, segments: Iterable[str] = (), closed: bool = False) -> None:
+        self._segments = list(segments)
+        self._closed = closed
+        self._changed = asyncio.Event()
+
+    @property
+    def count(self) -> int:
+        return len(self._segments)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add(self, segment: str) -> None:
+        if self._closed:
+            raise RuntimeError("add() after close()")
+        self._segments.append(segment)
+        self._wake()
+
+    def close(self) -> None:
+        """No more segments: readers past the last one get None."""
+        self._closed = True
+        self._wake()
+
+    async def get(self, index: int) -> str | None:
+        """Segment ``index`` once it is there; None when the source closed before it."""
+        while index >= len(self._segments) and not self._closed:
+            changed = self._changed
+            await changed.wait()
+        return self._segments[index] if index < len(self._segments) else None
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
 class SegmentScheduler:
-    """The segments of one job: :meth:`events` in play order, :meth:`close` to stop."""
+    """The segments of one job: :meth:`events` in play order, :meth:`close` to stop.
+
+    A launcher task starts each segment as soon as its text is there and it is within
+    ``lookahead`` of the one playing; :meth:`events` plays them in order.
+    """
 
     def __init__(
         self,
         job: SpeechJob,
+        source: SegmentSource,
         synthesis: SegmentSynthesis,
         metrics: Metrics,
         lookahead: int,
@@ -48,53 +96,76 @@ class SegmentScheduler:
         sample_rate: int,
     ) -> None:
         self.job = job
+        self.source = source
         self.synthesis = synthesis
         self.metrics = metrics
         self.lookahead = lookahead
+        self.buffer_chunks = buffer_chunks
         self.state = RequestState(
             asyncio.get_running_loop().create_future(), sample_rate=sample_rate
         )
         if job.voice.global_tokens is not None:
             self.state.voice_tokens.set_result(job.voice.global_tokens)
-        self._queues: list[asyncio.Queue[object]] = [
-            asyncio.Queue(buffer_chunks) for _ in job.segments
-        ]
+        self._queues: dict[int, asyncio.Queue[object]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._launcher: asyncio.Task[None] | None = None
+        self._playing = 0
+        self._advanced = asyncio.Event()
 
     async def events(self) -> AsyncIterator[SpeechEvent]:
         """SegmentStart, Audio..., SegmentEnd for each segment; raises GatewayError."""
-        segments = self.job.segments
-        for index, text in enumerate(segments):
-            while len(self._tasks) < min(len(segments), index + self.lookahead):
-                self._start(len(self._tasks))
+        if self._launcher is None:
+            self._launcher = asyncio.create_task(
+                self._launch(), name=f"segments-{self.job.request_id}"
+            )
+        index = 0
+        while (text := await self.source.get(index)) is not None:
+            self._playing = index
+            self._advanced.set()
             yield SegmentStart(index, text)
             played = 0
-            while (item := await self._queues[index].get()) is not _END:
+            queue = self._queue(index)
+            while (item := await queue.get()) is not _END:
                 if isinstance(item, GatewayError):
                     raise item
                 assert isinstance(item, Audio)
                 played += item.samples.shape[0]
                 yield item
             yield SegmentEnd(index, played)
+            index += 1
 
     async def close(self) -> None:
         """Cancel every segment task and wait until each has closed its upstream stream."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._launcher] if self._launcher else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if not self.state.voice_tokens.done():
             self.state.voice_tokens.cancel()
 
-    def _start(self, index: int) -> None:
-        task = asyncio.create_task(
-            self._produce(index), name=f"segment-{self.job.request_id}-{index}"
-        )
-        self._tasks.append(task)
+    async def _launch(self) -> None:
+        """Start each segment once its text is there and it is close enough to playback."""
+        index = 0
+        while (text := await self.source.get(index)) is not None:
+            while index >= self._playing + self.lookahead:
+                self._advanced.clear()
+                await self._advanced.wait()
+            self._tasks.append(
+                asyncio.create_task(
+                    self._produce(index, text), name=f"segment-{self.job.request_id}-{index}"
+                )
+            )
+            index += 1
 
-    async def _produce(self, index: int) -> None:
-        queue = self._queues[index]
+    def _queue(self, index: int) -> asyncio.Queue[object]:
+        if index not in self._queues:
+            self._queues[index] = asyncio.Queue(self.buffer_chunks)
+        return self._queues[index]
+
+    async def _produce(self, index: int, text: str) -> None:
+        queue = self._queue(index)
         try:
-            await self.synthesis.run(self.job, index, self.state, queue.put)
+            await self.synthesis.run(self.job, index, text, self.state, queue.put)
             await queue.put(_END)
         except asyncio.CancelledError:
             raise

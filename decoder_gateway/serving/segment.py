@@ -63,9 +63,10 @@ class SegmentSynthesis:
             crossfade_samples=settings.stream_crossfade_samples,
         )
 
-    async def run(self, job: SpeechJob, index: int, state: RequestState, emit: Emit) -> None:
-        """Generate segment ``index`` of ``job``, emitting its audio as it is decoded."""
-        text = job.segments[index]
+    async def run(
+        self, job: SpeechJob, index: int, text: str, state: RequestState, emit: Emit
+    ) -> None:
+        """Generate segment ``index`` (``text``) of ``job``, emitting its audio as decoded."""
         # Segments after the first wait for the voice that segment 0 pins.
         pinned = job.voice.global_tokens if index == 0 else await state.voice_tokens
         prompt = speaker_prompt(job.voice, text, pinned)

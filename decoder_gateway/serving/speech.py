@@ -31,7 +31,7 @@ from ..voices import Voice
 from .admission import Admission, StreamSlots
 from .events import Audio, SpeechEvent
 from .job import SpeechJob, new_request_id
-from .scheduler import SegmentScheduler
+from .scheduler import SegmentScheduler, SegmentSource
 from .segment import SegmentSynthesis
 from .voices import VoiceService
 
@@ -96,20 +96,10 @@ class SpeechService:
         if not segments:  # only punctuation or symbols
             raise InvalidRequest(f"{text_param} has nothing to speak", text_param)
         for segment in segments:
-            if markup := find_markup(segment):
-                raise InvalidRequest(
-                    f"{text_param} holds {markup!r}, markup of the model's prompt format; "
-                    "text with such markup is refused, not spoken",
-                    text_param,
-                )
+            self.check_segment(segment, text_param)
         if not 0.0 <= temperature <= 2.0:
             raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", "temperature")
-        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
-        if not 1 <= max_tokens <= self.settings.max_tokens_limit:
-            raise InvalidRequest(
-                f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}",
-                "max_tokens",
-            )
+        max_tokens = self.check_max_tokens(max_tokens)
         voice_entry = resolved_voice or await self.voices.resolve(voice, speaker_id)
         if ref_audio is not None:
             voice_entry = await self.voices.inline(ref_audio, voice_entry)
@@ -117,11 +107,34 @@ class SpeechService:
             text, segments, voice_entry, temperature, max_tokens, new_request_id(request_id)
         )
 
+    @staticmethod
+    def check_segment(segment: str, text_param: str = "text") -> None:
+        """A segment about to reach a prompt: no prompt markup in it."""
+        if markup := find_markup(segment):
+            raise InvalidRequest(
+                f"{text_param} holds {markup!r}, markup of the model's prompt format; "
+                "text with such markup is refused, not spoken",
+                text_param,
+            )
+
+    def check_max_tokens(self, max_tokens: int | None) -> int:
+        """The request's max_tokens (the default when None), within MAX_TOKENS_LIMIT."""
+        max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.settings.max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens must be in [1, {self.settings.max_tokens_limit}], got {max_tokens}",
+                "max_tokens",
+            )
+        return max_tokens
+
     def _split(self, text: str) -> tuple[str, ...]:
         return tuple(split_segments(text, max_chars=self.settings.max_segment_chars))
 
-    async def open(self, job: SpeechJob, endpoint: str) -> SpeechStream:
-        """Admit the job (Overloaded past the limit) and start its segments."""
+    async def open(
+        self, job: SpeechJob, endpoint: str, source: SegmentSource | None = None
+    ) -> SpeechStream:
+        """Admit the job (Overloaded past the limit) and start its segments: the job's
+        own, or those that ``source`` receives while the stream plays."""
         admission = Admission(
             self.slots, self.metrics, job.request_id, endpoint, self.sample_rate, job.accepted_at
         )
@@ -136,6 +149,7 @@ class SpeechService:
         )
         scheduler = SegmentScheduler(
             job,
+            source or SegmentSource(job.segments, closed=True),
             self.synthesis,
             self.metrics,
             self.settings.segment_lookahead,

@@ -25,7 +25,7 @@ from ..errors import (
     VoiceNotFound,
 )
 from ..metrics import Metrics
-from ..settings import Settings
+from ..settings import Settings, SettingsConflict
 from ..voice_library import ClonedVoice, VoiceLibrary, check_name
 from ..voices import Voice, VoiceCatalog
 
@@ -53,6 +53,7 @@ class VoiceService:
         self.metrics = metrics
         # Why cloning is off, for the 501 message (None when it is on).
         self.encoder_problem = encoder_problem
+        self.aliases = check_voice_aliases(settings.alias_map(), catalog, library)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speaker")
 
     @property
@@ -64,7 +65,10 @@ class VoiceService:
 
     # -- resolving ------------------------------------------------------------------
     async def resolve(self, voice: str | None = None, speaker_id: int | None = None) -> Voice:
-        """A packaged voice by id and/or speaker id, else a cloned voice by name."""
+        """A packaged voice by id and/or speaker id, else an alias's voice (VOICE_ALIASES),
+        else a cloned voice by name."""
+        if voice and voice not in self.catalog.ids:
+            voice = self.aliases.get(voice, voice)
         if not voice or voice in self.catalog.ids:
             return self.catalog.resolve(voice, speaker_id)
         cloned = await asyncio.to_thread(self.library.get, voice)
@@ -184,6 +188,23 @@ class VoiceService:
 
     def _not_found(self, name: str) -> NoSuchVoice:
         return NoSuchVoice(f"no cloned voice named {name!r}", "name")
+
+
+def check_voice_aliases(
+    aliases: dict[str, str], catalog: VoiceCatalog, library: VoiceLibrary
+) -> dict[str, str]:
+    """The aliases, once each names a voice that exists (packaged, or cloned now)."""
+    for alias, voice in aliases.items():
+        if alias in catalog.ids:
+            raise SettingsConflict(
+                f"VOICE_ALIASES: {alias!r} is already a packaged voice; it cannot be an alias"
+            )
+        if voice not in catalog.ids and library.get(voice) is None:
+            raise SettingsConflict(
+                f"VOICE_ALIASES maps {alias!r} to {voice!r}, which is not a voice: use one of "
+                f"{', '.join(catalog.ids)} or a cloned voice"
+            )
+    return aliases
 
 
 def _extension(filename: str | None) -> str:
