@@ -167,3 +167,31 @@ def test_disconnect_aborts_the_request_in_vllm(vllm_gateway, vllm_server):
     assert metric(metrics, "vllm:num_requests_running") == 0
     generated = metric(metrics, "vllm:generation_tokens_total") - before
     assert generated < 4 * (TOKENS_PER_SEGMENT + 1)  # 10 sentences were asked for
+
+
+def test_streamed_in_text_against_real_vllm(vllm_gateway):
+    """Text fed word by word over WS /v1/audio/speech/stream (vLLM-Omni's messages):
+    the whole text's sentences, each with the audio of the tokens vLLM wrote."""
+    from websockets.sync.client import connect
+
+    from decoder_gateway.text import split_segments
+
+    words = THREE_SENTENCES.split(" ")
+    fragments = [word + " " for word in words[:-1]] + [words[-1]]
+    config = {"response_format": "pcm", "stream_audio": True, "voice": "luganda_female"}
+    with connect(f"{vllm_gateway.ws_url}/v1/audio/speech/stream") as ws:
+        ws.send(json.dumps({"type": "session.config", **config}))
+        for fragment in fragments:
+            ws.send(json.dumps({"type": "input.text", "text": fragment}))
+        ws.send(json.dumps({"type": "input.done"}))
+        frames, audio = [], 0
+        while not frames or frames[-1]["type"] != "session.done":
+            message = ws.recv(timeout=120)
+            if isinstance(message, bytes):
+                audio += len(message)
+            else:
+                frames.append(json.loads(message))
+    starts = [f["sentence_text"] for f in frames if f["type"] == "audio.start"]
+    assert starts == split_segments(THREE_SENTENCES)
+    assert audio == 3 * BYTES_PER_SEGMENT
+    assert frames[-1] == {"type": "session.done", "utterance_index": 0, "total_sentences": 3}

@@ -214,6 +214,16 @@ def check_python_websocket(block: Block, result, workdir: Path) -> None:
         assert f"speech-{number}.wav: " in result.stdout
 
 
+def check_python_text_in(block: Block, result, workdir: Path) -> None:
+    (reply,) = re.findall(r'REPLY = "([^"]+)"', block.code)
+    sentences = split_segments(reply)
+    expected = sum(expected_samples(text, voice="swahili_male") for text in sentences)
+    assert wav_frames(workdir / "reply.wav") == expected
+    assert [line.removeprefix("speaking: ") for line in result.stdout.splitlines()[:-1]] == (
+        sentences
+    )
+
+
 def check_python_http(block: Block, result, workdir: Path) -> None:
     (text,) = spoken_texts(block.code)
     assert wav_frames(workdir / "speech.wav") == expected_samples(text)
@@ -284,8 +294,12 @@ class Example:
 
 EXAMPLES = [
     Example(
-        "python-websocket", "python", lambda c: "import websockets" in c, check_python_websocket
+        "python-websocket",
+        "python",
+        lambda c: "import websockets" in c and "input.text" not in c,
+        check_python_websocket,
     ),
+    Example("python-text-in", "python", lambda c: "input.text" in c, check_python_text_in),
     Example("python-requests", "python", lambda c: "import requests" in c, check_python_http),
     Example("python-openai-sdk", "python", lambda c: "from openai import" in c, check_openai_sdk),
     Example("node-fetch", "js", lambda c: "fetch(" in c, check_node_fetch),
