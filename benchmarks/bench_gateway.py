@@ -14,6 +14,9 @@ decoder_gateway``), and this script as the HTTP client. Prints markdown tables:
    duration), aggregate audio seconds per wall second, CPU use per process and,
    from the gateway's ``/metrics`` where it has one, spans per decoder pass, the
    share of the wall time the decoder was busy, and vLLM's token rate per segment.
+3. Text streamed in (a voice agent's LLM writing at 30 words/s) against the same
+   text sent whole: first audio after the first sentence is certain, and after the
+   LLM's first word.
 2. The gateway against the original single-file server's way on a 3-sentence
    paragraph: sentence after sentence, each completion generated in full, then
    decoded whole, then delivered. The baseline runs here, as a client of the same
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -37,9 +41,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
+import websockets
 from report import table  # benchmarks/, the script's own folder
 
 from decoder_gateway.codec import BiCodecDecoder, load_decoder
@@ -488,6 +494,96 @@ def run_compare(llm: Llm, gateway: GatewayServer, decoder: BiCodecDecoder, plan:
     )
 
 
+# -- text streamed in (voice agents) ----------------------------------------------------
+
+AGENT_WORDS_PER_S = 30.0
+
+
+async def _streamed_in(ws_url: str, text: str) -> tuple[float, float, float]:
+    """Feed ``text`` word by word at AGENT_WORDS_PER_S over WS /v1/audio/speech/stream.
+
+    Returns (first audio after the fragment that made the first sentence certain,
+    first audio after the first fragment, time the last fragment was sent).
+    """
+    words = text.split(" ")
+    first_sentence = split_segments(text)[0]
+    # The first sentence is certain once the first character after it arrives.
+    confirming = len(first_sentence.split(" "))
+    sent_at: list[float] = []
+    first_audio = asyncio.get_running_loop().create_future()
+
+    async def feed(ws: Any) -> None:
+        for i, word in enumerate(words):
+            await ws.send(json.dumps({"type": "input.text", "text": word + " "}))
+            sent_at.append(time.monotonic())
+            if i + 1 < len(words):
+                await asyncio.sleep(1 / AGENT_WORDS_PER_S)
+        await ws.send(json.dumps({"type": "input.done"}))
+
+    async with websockets.connect(f"{ws_url}/v1/audio/speech/stream", max_size=None) as ws:
+        config = {"voice": VOICE, "response_format": "pcm", "stream_audio": True}
+        await ws.send(json.dumps({"type": "session.config", **config}))
+        sender = asyncio.create_task(feed(ws))
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                if not first_audio.done():
+                    first_audio.set_result(time.monotonic())
+            elif json.loads(message)["type"] == "session.done":
+                break
+        await sender
+    heard = first_audio.result()
+    return heard - sent_at[confirming], heard - sent_at[0], sent_at[-1] - sent_at[0]
+
+
+async def _whole(url: str, text: str) -> float:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+        return (await gateway_request(client, url, text)).ttfa_s
+
+
+def run_text_in(llm: Llm, gateway: GatewayServer, plan: Plan) -> None:
+    text = COMPARE_PARAGRAPH
+    first_sentence = split_segments(text)[0]
+    asyncio.run(_streamed_in(gateway.ws_url, text))  # warm-up
+    streamed, whole_first, whole_reply = [], [], []
+    for _ in range(plan.compare_repeats):
+        streamed.append(asyncio.run(_streamed_in(gateway.ws_url, text)))
+        whole_first.append(asyncio.run(_whole(gateway.url, first_sentence)))
+        whole_reply.append(asyncio.run(_whole(gateway.url, text)))
+    typing_s = median([s[2] for s in streamed])
+    # When the first sentence is certain (its last word + the next one), from the first word.
+    certain_s = len(first_sentence.split(" ")) / AGENT_WORDS_PER_S
+    rows = [
+        [
+            "streamed in, word by word (WS /v1/audio/speech/stream)",
+            ms(median([s[0] for s in streamed])),
+            ms(median([s[1] for s in streamed])),
+        ],
+        [
+            "first sentence sent whole once certain (POST /v1/audio/speech/stream)",
+            ms(median(whole_first)),
+            ms(certain_s + median(whole_first)),
+        ],
+        [
+            "whole reply sent once written (POST /v1/audio/speech/stream)",
+            "-",
+            ms(typing_s + median(whole_reply)),
+        ],
+    ]
+    header = [
+        "text in",
+        "first audio after the first sentence is certain (ms)",
+        "first audio after the LLM's first word (ms)",
+    ]
+    table(
+        f"{llm.name}: a reply written at {AGENT_WORDS_PER_S:g} words/s "
+        f"({len(text.split())} words, {typing_s:.2f} s to write), median of "
+        f"{plan.compare_repeats}",
+        header,
+        rows,
+    )
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -526,6 +622,7 @@ def run_llm(
             asyncio.run(_load_level(gateway.url, texts, 1, 1))  # warm-up
             run_load(llm, gateway, plan, texts)
             run_compare(llm, gateway, decoder, plan)
+            run_text_in(llm, gateway, plan)
         except Exception:
             print(f"\nGateway log tail:\n{gateway.log_tail()}")
             raise
