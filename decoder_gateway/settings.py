@@ -102,7 +102,7 @@ class Settings(BaseSettings):
 
     # Security
     gateway_api_key: str | None = None  # unset: no authentication
-    auth_exempt_paths: str = "/health,/metrics,/web"  # comma-separated, open without a key
+    auth_exempt_paths: str = "/health,/livez,/metrics,/web"  # comma-separated, open without a key
     cors_allow_origins: str = ""  # comma-separated origins, "*" for any; empty: no CORS
 
     # WebSocket sessions

@@ -528,3 +528,10 @@ def test_either_key_header_may_carry_the_key(make_gateway, llm):
         assert requests.get(url, headers=headers, timeout=10).status_code == 200
     both_wrong = {"Authorization": "Bearer wrong", "X-API-Key": "wrong"}
     assert requests.get(url, headers=both_wrong, timeout=10).status_code == 401
+
+
+def test_liveness_does_not_depend_on_vllm(make_gateway):
+    gateway = make_gateway("http://127.0.0.1:9/v1", GATEWAY_API_KEY="secret")
+    assert requests.get(f"{gateway.url}/health", timeout=10).status_code == 503
+    live = requests.get(f"{gateway.url}/livez", timeout=10)  # open without the key
+    assert live.status_code == 200 and live.json() == {"status": "alive"}

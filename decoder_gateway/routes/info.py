@@ -50,6 +50,16 @@ async def health(request: Request) -> JSONResponse:
     )
 
 
+@router.get("/livez")
+async def liveness(request: Request) -> JSONResponse:
+    """200 while this process can serve (its decode worker runs), whatever vLLM does:
+    for a liveness probe, which must not restart the gateway when vLLM is away."""
+    problem = request.app.state.gateway.worker.problem()
+    if problem is not None:
+        return JSONResponse({"status": "dead", "reason": problem}, 503)
+    return JSONResponse({"status": "alive"})
+
+
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
@@ -84,6 +94,7 @@ async def server_info(request: Request) -> dict:
             "POST /v1/audio/voices": "multipart {audio_sample, name, ...} -> a cloned voice",
             "GET /v1/audio/voices/{name}": "one cloned voice; DELETE removes it",
             "GET /health": "200 when the decode worker runs and vLLM answers",
+            "GET /livez": "200 while the gateway itself works (not vLLM)",
         },
         "examples": {
             "curl": f"curl -sN {base}/v1/audio/speech/stream -H 'Content-Type: application/json' "
