@@ -1,10 +1,28 @@
-"""``python -m decoder_gateway``: read the settings, serve with uvicorn."""
+"""``python -m decoder_gateway``: read the settings, serve with uvicorn.
+
+Shutdown (SIGTERM, or a first Ctrl-C) drains: the listening socket closes at once (new
+connections are refused), idle keep-alive connections are closed, HTTP responses in
+progress run to their end, and WebSocket sessions stay open until no synthesis runs in
+the process, then get close code 1012 (service restart). Whatever still runs after
+SHUTDOWN_GRACE_S is cut. The process then exits with status 0.
+
+uvicorn (0.54) drains HTTP the same way, but closes every WebSocket at once with 1012,
+which would cut the syntheses they carry: hence :class:`DrainingServer`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import signal
+import socket
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from .app import create_app
@@ -13,6 +31,10 @@ from .serving.voices import check_voice_aliases
 from .settings import Settings, SettingsConflict
 from .voice_library import VoiceLibrary
 from .voices import VoiceCatalog
+
+logger = logging.getLogger("uvicorn.error")
+# uvicorn's exit status when the app did not start (the lifespan failed).
+STARTUP_FAILURE = 3
 
 
 def read_settings() -> Settings:
@@ -40,12 +62,84 @@ def check_voices(settings: Settings) -> None:
         sys.exit(f"decoder_gateway: invalid settings\n  {err}")
 
 
+def _is_websocket(connection: object) -> bool:
+    """Whether one of uvicorn's connections is a WebSocket (any of its implementations)."""
+    return type(connection).__module__.startswith("uvicorn.protocols.websockets.")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose shutdown lets running syntheses finish, WebSockets included.
+
+    ``busy()`` says whether a synthesis runs in the process; the grace period is the
+    config's ``timeout_graceful_shutdown`` (None: no limit).
+    """
+
+    def __init__(self, config: uvicorn.Config, busy: Callable[[], bool]) -> None:
+        super().__init__(config)
+        self.busy = busy
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        grace = self.config.timeout_graceful_shutdown
+        deadline = loop.time() + (math.inf if grace is None else grace)
+        logger.info("Shutting down: new connections refused, running streams get %s s", grace)
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        state = self.server_state
+        asked: set[object] = set()  # connections told to close once done
+        while (state.connections or state.tasks) and not self.force_exit:
+            if loop.time() >= deadline:
+                break
+            # HTTP: idle keep-alive connections close now, responses in progress at
+            # their end. WebSockets: once no synthesis runs (a session may send its next
+            # message meanwhile), all of them, with 1012.
+            idle = not self.busy()
+            for connection in list(state.connections):
+                if connection not in asked and (idle or not _is_websocket(connection)):
+                    asked.add(connection)
+                    connection.shutdown()
+            await asyncio.sleep(0.1)
+        if not (state.connections or state.tasks):
+            for server in self.servers:
+                await server.wait_closed()
+        elif not self.force_exit:
+            logger.error(
+                "Grace period of %s s over: cutting %d connection(s), %d task(s)",
+                grace,
+                len(state.connections),
+                len(state.tasks),
+            )
+            for connection in list(state.connections):
+                if connection not in asked:
+                    connection.shutdown()
+            for task in list(state.tasks):
+                task.cancel(msg="shutdown grace period over")
+            await asyncio.sleep(0.1)  # let the cancelled tasks close their transports
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
+def _busy(app: FastAPI) -> Callable[[], bool]:
+    def busy() -> bool:
+        gateway = getattr(app.state, "gateway", None)
+        return gateway is not None and gateway.speech.slots.active > 0
+
+    return busy
+
+
+def _drained(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM after uvicorn's shutdown: nothing left to do (exit status 0)."""
+
+
 def main() -> None:
     settings = read_settings()
     check_voices(settings)
     log_config = configure(settings.log_level, settings.log_format)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -55,7 +149,19 @@ def main() -> None:
         ws_max_size=max(16 * settings.ws_max_message_bytes, 1 << 20),
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
+    server = DrainingServer(config, _busy(app))
+    # uvicorn raises the signal it stopped for again once it has shut down, with the
+    # handler it found: the default one would end a drained process with "killed by
+    # SIGTERM" (143) instead of 0.
+    signal.signal(signal.SIGTERM, _drained)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
 
     log_format: Literal["text", "json"] = "text"
 
+    # Shutdown (SIGTERM): the listening socket closes at once, and the syntheses in
+    # progress (HTTP streams and WebSocket sessions) get this long to finish before they
+    # are cut. A Kubernetes terminationGracePeriodSeconds must cover it plus preStop.
+    shutdown_grace_s: float = Field(30.0, ge=0, description="time running streams get on SIGTERM")
+
     def alias_map(self) -> dict[str, str]:
         """VOICE_ALIASES as {alias: voice id}; a malformed entry raises ValueError."""
         aliases: dict[str, str] = {}
