@@ -1,17 +1,20 @@
-"""README.md kept honest: its client examples run as written against a real gateway,
-and its test command, configuration table, voices and dependencies match the code.
+"""README.md and the pages of docs/ kept honest: their client examples run as written
+against a real gateway, and the test command (README.md), the configuration table
+(docs/configuration.md), the voices (docs/api.md) and the runtime dependencies
+(docs/architecture.md) match the code. tests/test_docs.py checks their links.
 
-Which README blocks run
------------------------
+Which blocks run
+----------------
 A fenced code block runs when its info string (the text after the opening fence) is
 exactly one of ``python``, ``js``, ``javascript``, ``bash`` or ``sh``, with nothing
 after the language. Every other block is documentation only: another language
 (``console``, ``text``, ``json``, ``yaml``, ...) or a language followed by
 attributes, such as ``js title="browser only, not run"`` or ``bash title="not run"``.
 
-Every runnable block must be claimed by exactly one example kind below (so an
-example added to the README without a test fails the suite), and every kind must
-find exactly one block.
+The pages are README.md and every ``docs/*.md``. Every runnable block of every page
+must be claimed by exactly one example kind below (so an example added to a page
+without a test fails the suite), and every kind must find exactly one block, on
+whichever page it lives.
 
 How they run
 ------------
@@ -58,6 +61,7 @@ from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 README_HOST = "localhost:8001"
 RUNNABLE = {"python": "python", "js": "js", "javascript": "js", "bash": "bash", "sh": "bash"}
 SAMPLES_PER_TOKEN = 320
@@ -66,7 +70,7 @@ MP3_SLACK = 3 * 1152  # encoder delay and padding an MP3 may add (no gapless inf
 VOICES = VoiceCatalog.load()
 
 
-# -- reading the README ----------------------------------------------------------
+# -- reading the pages -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -74,18 +78,39 @@ class Block:
     info: str  # the fence's info string, stripped
     code: str
     line: int  # 1-based line of the opening fence
+    page: str = "README.md"  # the page, relative to the repository root
 
     @property
     def language(self) -> str | None:
         """The runner of a runnable block (python, js, bash), else None."""
         return RUNNABLE.get(self.info)
 
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line}"
+
+
+def pages() -> list[Path]:
+    """README.md, then every page of docs/ in name order."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def page_name(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def page_text(name: str) -> str:
+    """The text of a page, by its path relative to the repository root."""
+    path = REPO / name
+    assert path.is_file(), f"{name} is missing"
+    return path.read_text(encoding="utf-8")
+
 
 def readme_text() -> str:
-    return README.read_text(encoding="utf-8")
+    return page_text("README.md")
 
 
-def fenced_blocks(text: str) -> list[Block]:
+def fenced_blocks(text: str, page: str = "README.md") -> list[Block]:
     """Every fenced code block (``` or ~~~, at most three spaces of indentation)."""
     blocks: list[Block] = []
     lines = text.splitlines()
@@ -103,16 +128,21 @@ def fenced_blocks(text: str) -> list[Block]:
         ):
             body.append(lines[j])
             j += 1
-        blocks.append(Block(info, "\n".join(body) + "\n", i + 1))
+        blocks.append(Block(info, "\n".join(body) + "\n", i + 1, page))
         i = j + 1
     return blocks
 
 
-def section(text: str, heading: str) -> str:
+def section(text: str, heading: str, page: str = "README.md") -> str:
     """The text of a ``## heading`` section, up to the next ``## `` heading."""
     match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README.md has no '## {heading}' section"
+    assert match, f"{page} has no '## {heading}' section"
     return match.group(1)
+
+
+def page_section(page: str, heading: str) -> str:
+    """The ``## heading`` section of a page (README.md or docs/NAME.md)."""
+    return section(page_text(page), heading, page)
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -146,7 +176,7 @@ def expected_samples(text: str, voice: str = "luganda_female") -> int:
 def run_block(block: Block, gateway, workdir: Path) -> subprocess.CompletedProcess[str]:
     """Run a runnable block as written, the gateway's address put in for localhost:8001."""
     assert README_HOST in block.code, (
-        f"README.md line {block.line}: a runnable example must name the gateway as "
+        f"{block.where}: a runnable example must name the gateway as "
         f"{README_HOST} (the one thing the test replaces)"
     )
     host = gateway.url.removeprefix("http://")
@@ -159,7 +189,7 @@ def run_block(block: Block, gateway, workdir: Path) -> subprocess.CompletedProce
     elif block.language == "js":
         node = shutil.which("node")
         if node is None:
-            pytest.fail("node is not installed; the README's JavaScript example needs Node 18+")
+            pytest.fail(f"node is not installed; {block.where} (JavaScript) needs Node 18+")
         (workdir / "speech.mjs").write_text(code, encoding="utf-8")
         command = [node, "speech.mjs"]
     else:
@@ -178,7 +208,7 @@ def run_block(block: Block, gateway, workdir: Path) -> subprocess.CompletedProce
         check=False,
     )
     assert result.returncode == 0, (
-        f"README.md line {block.line} ({block.info}) exited with {result.returncode}\n"
+        f"{block.where} ({block.info}) exited with {result.returncode}\n"
         f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}\n"
         f"--- gateway log\n{gateway.log_tail()}"
     )
@@ -325,7 +355,13 @@ def claimants(block: Block) -> list[Example]:
 
 
 def runnable_blocks() -> list[Block]:
-    return [block for block in fenced_blocks(readme_text()) if block.language is not None]
+    """The runnable blocks of every page (README.md and docs/*.md)."""
+    return [
+        block
+        for path in pages()
+        for block in fenced_blocks(path.read_text(encoding="utf-8"), page_name(path))
+        if block.language is not None
+    ]
 
 
 def test_every_runnable_block_is_one_tested_example():
@@ -333,12 +369,28 @@ def test_every_runnable_block_is_one_tested_example():
     for block in runnable_blocks():
         owners = claimants(block)
         assert len(owners) == 1, (
-            f"README.md line {block.line} ({block.info}): claimed by "
+            f"{block.where} ({block.info}): claimed by "
             f"{[e.name for e in owners] or 'no example'}; give it a test in "
             'tests/test_readme.py, or mark it not run (e.g. ```bash title="not run"```)'
         )
         seen[owners[0].name] += 1
-    assert all(count == 1 for count in seen.values()), seen
+    assert all(count == 1 for count in seen.values()), (
+        f"each example must be on exactly one page, once: {seen}"
+    )
+
+
+def test_the_pages_are_found():
+    names = [page_name(path) for path in pages()]
+    assert names[0] == "README.md"
+    for page in (
+        "docs/api.md",
+        "docs/clients.md",
+        "docs/configuration.md",
+        "docs/architecture.md",
+        "docs/cpu.md",
+        "docs/kubernetes.md",
+    ):
+        assert page in names, names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
@@ -376,8 +428,13 @@ def default_cell(value: object) -> str:
     return f"`{value}`"
 
 
+CONFIGURATION = ("docs/configuration.md", "Variables")
+VOICES_SECTION = ("docs/api.md", "Voices")
+DEPENDENCIES = ("docs/architecture.md", "Runtime dependencies")
+
+
 def configuration_rows() -> dict[str, list[str]]:
-    rows = table_rows(section(readme_text(), "Configuration"))
+    rows = table_rows(page_section(*CONFIGURATION))
     assert rows and rows[0][:3] == ["Variable", "Default", "Read by"], rows[:1]
     table: dict[str, list[str]] = {}
     for cells in rows[2:]:
@@ -391,7 +448,7 @@ def test_every_setting_is_in_the_configuration_table_with_its_default():
     table = configuration_rows()
     for field_name, field in Settings.model_fields.items():
         variable = field_name.upper()
-        assert variable in table, f"{variable} (settings.py) is missing from README's table"
+        assert variable in table, f"{variable} (settings.py) is missing from {CONFIGURATION}"
         default, read_by = table[variable][1], table[variable][2]
         assert default == default_cell(field.default), (variable, default)
         assert "gateway" in read_by, (variable, read_by)
@@ -411,7 +468,8 @@ def test_every_deployment_variable_is_in_the_configuration_table():
 
 
 def test_voices_table_matches_the_packaged_voices():
-    rows = table_rows(section(readme_text(), "API reference"))
+    text = page_section(*VOICES_SECTION)
+    rows = table_rows(text)
     documented = {
         cells[0].strip("`"): (int(cells[1]), cells[2], cells[3].split()[0])
         for cells in rows
@@ -419,7 +477,17 @@ def test_voices_table_matches_the_packaged_voices():
     }
     packaged = {v.id: (v.speaker_id, v.language, v.gender) for v in VOICES}
     assert documented == packaged
-    assert f"`{VOICES.default_voice}` |" in readme_text() and "(the default)" in readme_text()
+    default = f"| `{VOICES.default_voice}` |"
+    default_row = [line for line in text.splitlines() if line.startswith(default)]
+    assert len(default_row) == 1 and "(the default)" in default_row[0], default_row
+
+
+def test_readme_names_the_packaged_voices():
+    """The README's opening lists every packaged voice, and which is the default."""
+    opening = readme_text().split("\n## ", 1)[0]
+    for voice in VOICES:
+        assert f"`{voice.id}`" in opening, f"README's opening does not name {voice.id}"
+    assert f"`{VOICES.default_voice}` (the default)" in opening
 
 
 def test_every_runtime_dependency_is_explained():
@@ -429,7 +497,7 @@ def test_every_runtime_dependency_is_explained():
     assert listing, "pyproject.toml has no dependencies list"
     requirements = re.findall(r'^\s*"([^"]+)"', listing.group(1), re.M)
     assert "fastapi>=0.115" in requirements or any(r.startswith("fastapi") for r in requirements)
-    section_text = section(readme_text(), "How it works")
+    section_text = page_section(*DEPENDENCIES)
     for requirement in requirements:
         name = re.match(r"[A-Za-z0-9_.\-]+(\[[^\]]+\])?", requirement).group(0)
-        assert f"| `{name}` |" in section_text, f"{name} is not in README's dependency table"
+        assert f"| `{name}` |" in section_text, f"{name} is not in {DEPENDENCIES}'s table"
