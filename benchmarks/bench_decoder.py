@@ -2,9 +2,12 @@
 
     python benchmarks/bench_decoder.py [--device cuda] [--quick] [--only speed,load,...]
 
-Prints tables: decode speed by utterance length, streaming overhead, batching,
-load time and peak memory (decode-only load against reading the whole
-checkpoint), and the SNR of streamed against full decodes per chunking setting.
+Prints tables: decode speed by utterance length, streaming cost against one full
+decode (each chunk's window decoded from scratch, as before, and with the
+stream's settled state reused), batching, load time and peak memory (decode-only
+load against reading the whole checkpoint), the SNR of streamed against full
+decodes per chunking setting, and the first chunk chosen by count or by time at
+simulated LLM token rates.
 Real trained weights are not available here: the generator's gains are raised
 (as in the golden data) so the output carries token-dependent signal, not mostly
 a bias pattern; the SNR figures describe these weights, not trained ones.
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,17 +73,24 @@ def random_checkpoint(folder: Path) -> Path:
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+    return timed_cpu(fn, repeats)[0]
+
+
+def timed_cpu(fn, repeats: int, warm_up: bool = True) -> tuple[float, float]:
+    """Median wall and process CPU seconds of ``fn`` (CPU time: steadier on a busy host)."""
+    if warm_up:
+        fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+        walls.append(time.perf_counter() - started)
+        cpus.append(time.process_time() - cpu)
+    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
 
 
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
@@ -87,25 +98,30 @@ def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / error))
 
 
-def decode_planned(session: StreamingSession) -> list[torch.Tensor]:
-    """Plan, decode and complete what the session allows, as the gateway's worker does."""
+def decode_planned(session: StreamingSession, plain: bool = False) -> list[torch.Tensor]:
+    """Plan, decode and complete what the session allows, as the gateway's worker does.
+
+    ``plain``: decode each chunk's window from scratch (without the stream's state),
+    as before the state existed; the audio is the same.
+    """
     chunks = session.plan()
-    audio = session.decoder.decode_spans([chunk.span for chunk in chunks])
+    spans = [replace(c.span, stream=None) if plain else c.span for c in chunks]
+    audio = session.decoder.decode_spans(spans) if spans else []
     return [session.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
 
 
-def stream_all(model, semantic, global_tokens, config) -> tuple[torch.Tensor, int]:
+def stream_all(model, semantic, global_tokens, config, plain=False) -> tuple[torch.Tensor, int]:
     """Stream token by token; returns the audio and the tokens seen before first audio."""
     session = StreamingSession(model, global_tokens, config)
     chunks, first = [], None
     for position, token in enumerate(semantic.tolist(), start=1):
         session.push([token])
-        ready = decode_planned(session)
+        ready = decode_planned(session, plain)
         if ready and first is None:
             first = position
         chunks += ready
     session.finish()
-    chunks += decode_planned(session)
+    chunks += decode_planned(session, plain)
     return torch.cat(chunks), first or len(semantic)
 
 
@@ -167,12 +183,38 @@ def bench_speed(b: Bench) -> None:
 
 def bench_streaming(b: Bench) -> None:
     semantic = b.tokens(10 * TOKENS_PER_SECOND)
-    full_t = timed(lambda: b.model.decode(semantic, b.voice), b.repeats)
-    stream_t = timed(lambda: stream_all(b.model, semantic, b.voice, None), 1)
+    full_wall, full_cpu = timed_cpu(lambda: b.model.decode(semantic, b.voice), b.repeats)
+    rows = []
+    for name, config in (("default", None), ("exact", StreamingConfig(first_lookahead_tokens=67))):
+        for scheme, plain in (
+            ("each chunk's window from scratch (before)", True),
+            ("stream state reused (after)", False),
+        ):
+            wall, cpu = timed_cpu(
+                lambda c=config, p=plain: stream_all(b.model, semantic, b.voice, c, p), b.repeats
+            )
+            rows.append(
+                [
+                    name,
+                    scheme,
+                    full_wall,
+                    wall,
+                    f"{wall / full_wall:.2f}x",
+                    f"{cpu / full_cpu:.2f}x",
+                ]
+            )
     table(
-        "Streaming overhead (10 s utterance, tokens pushed one by one, default settings)",
-        ["full decode (s)", "streamed (s)", "overhead"],
-        [[full_t, stream_t, f"{stream_t / full_t:.2f}x"]],
+        "Stream cost / full decode (10 s utterance, tokens pushed one by one; "
+        "median of the repeats, CPU time of all threads alongside)",
+        [
+            "settings",
+            "streaming decode",
+            "full decode (s)",
+            "streamed (s)",
+            "stream / full (wall)",
+            "stream / full (CPU time)",
+        ],
+        rows,
     )
 
 
@@ -213,7 +255,8 @@ def bench_quality(b: Bench) -> None:
     rows = []
     for name, config in STREAMING_SETTINGS:
         streamed, first = stream_all(b.model, semantic, b.voice, config)
-        assert streamed.shape == full.shape
+        from_scratch, _ = stream_all(b.model, semantic, b.voice, config, plain=True)
+        assert streamed.shape == full.shape == from_scratch.shape
         exact_from = next(
             (
                 i
@@ -230,6 +273,7 @@ def bench_quality(b: Bench) -> None:
                 snr_db(full, streamed),
                 f"{(streamed - full).abs().max():.2e}",
                 "-" if exact_from is None else f"{exact_from * 20 / 1000:.2f} s",
+                f"{(streamed - from_scratch).abs().max():.1e}",
             ]
         )
     table(
@@ -241,6 +285,73 @@ def bench_quality(b: Bench) -> None:
             "SNR (dB)",
             "max abs err",
             "exact from",
+            "state vs window decode (max abs)",
+        ],
+        rows,
+    )
+
+
+def first_chunk_at_rate(
+    b: Bench, semantic: torch.Tensor, config: StreamingConfig, rate: float
+) -> tuple[int, float, float, torch.Tensor]:
+    """Stream with tokens arriving every 1/rate s (a simulated clock), decoding as they
+    allow. Returns the first window (tokens), when its last token came (s after the
+    first), the first chunk's decode time (s, measured) and the audio."""
+    session = StreamingSession(b.model, b.voice, config)
+    out: list[torch.Tensor] = []
+    window, came, decode_s = 0, 0.0, 0.0
+    for position, token in enumerate(semantic.tolist(), start=1):
+        session.push([token], at=(position - 1) / rate)
+        started = time.perf_counter()
+        ready = decode_planned(session)
+        if ready and not window:
+            decode_s = time.perf_counter() - started
+            window, came = position, (position - 1) / rate
+        out += ready
+    session.finish()
+    out += decode_planned(session)
+    return window, came, decode_s, torch.cat(out)
+
+
+def bench_first_audio(b: Bench) -> None:
+    semantic = b.tokens(6 * TOKENS_PER_SECOND)
+    full = b.model.decode(semantic, b.voice)
+    budget_ms = 100
+    modes = [
+        ("count: first 10 + 4", StreamingConfig()),
+        (f"time: budget {budget_ms} ms", StreamingConfig(first_audio_budget_s=budget_ms / 1000)),
+    ]
+    first_chunk_tokens = StreamingConfig().first_chunk_tokens
+    rows = []
+    for rate in (50, 200, 400):
+        for name, config in modes:
+            first_chunk_at_rate(b, semantic, config, rate)  # warm-up for the decode time
+            window, came, decode_s, audio = first_chunk_at_rate(b, semantic, config, rate)
+            head = first_chunk_tokens * 320
+            rows.append(
+                [
+                    rate,
+                    name,
+                    f"{first_chunk_tokens} + {window - first_chunk_tokens}",
+                    f"{came * 1000:.0f}",
+                    f"{decode_s * 1000:.0f}",
+                    f"{(came + decode_s) * 1000:.0f}",
+                    snr_db(full[:head], audio[:head]),
+                    snr_db(full, audio),
+                ]
+            )
+    table(
+        "First chunk by count or by time (6 s utterance, one token every 1/rate s; first "
+        "audio = when the window's last token came, after the first token, + its decode)",
+        [
+            "tokens/s",
+            "first chunk",
+            "window: chunk + look-ahead",
+            "last token came (ms)",
+            "decode (ms)",
+            "first audio (ms)",
+            "SNR first 0.2 s (dB)",
+            "SNR whole stream (dB)",
         ],
         rows,
     )
@@ -282,6 +393,7 @@ SECTIONS = {
     "streaming": bench_streaming,
     "batch": bench_batch,
     "quality": bench_quality,
+    "first_audio": bench_first_audio,
     "precision": bench_precision,
     "load": bench_load,
 }

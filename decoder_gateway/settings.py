@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     stream_first_lookahead_tokens: int = Field(4, ge=0)
     stream_assumed_speedup: float = Field(2.0, ge=1)
     stream_crossfade_samples: int = Field(320, ge=0)
+    # First chunk chosen by time: its look-ahead is what arrives this long after the
+    # first token (at the measured rate); unset: the count above.
+    stream_first_audio_budget_ms: float | None = Field(None, gt=0)
 
     # Limits
     max_text_chars: int = Field(5000, ge=1)

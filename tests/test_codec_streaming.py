@@ -2,12 +2,15 @@
 
 Every test drives a session the way the gateway does: ``plan()``, then
 ``decoder.decode_spans`` of the planned spans, then ``complete()`` in order
-(:func:`run_chunks`).
+(:func:`run_chunks`). The planned spans carry the session's decode state
+(:mod:`decoder_gateway.codec.incremental`); the same spans without it take the plain
+window decode, which every chunk must match.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +20,12 @@ import torch
 from decoder_gateway.codec import (
     BiCodecDecoder,
     PlannedChunk,
+    Span,
     StreamingConfig,
     StreamingSession,
     load_decoder,
 )
+from decoder_gateway.codec.incremental import Stage
 
 GOLDEN = Path(__file__).parent / "data" / "bicodec" / "golden_small"
 HOP = 320
@@ -42,13 +47,21 @@ def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / error))
 
 
-def run_chunks(session: StreamingSession, chunks: list[PlannedChunk]) -> list[torch.Tensor]:
+def window_spans(chunks: list[PlannedChunk]) -> list[Span]:
+    """The chunks' spans without the stream state: the plain window decode."""
+    return [replace(chunk.span, stream=None) for chunk in chunks]
+
+
+def run_chunks(
+    session: StreamingSession, chunks: list[PlannedChunk], plain: bool = False
+) -> list[torch.Tensor]:
     """Decode planned chunks in one batch and complete them, as the gateway's worker does."""
-    audio = session.decoder.decode_spans([chunk.span for chunk in chunks])
+    spans = window_spans(chunks) if plain else [chunk.span for chunk in chunks]
+    audio = session.decoder.decode_spans(spans)
     return [session.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
 
 
-def _stream(decoder, semantic, global_tokens, config, max_push, seed=0):
+def _stream(decoder, semantic, global_tokens, config, max_push, seed=0, plain=False):
     session = StreamingSession(decoder, global_tokens, config)
     rng = random.Random(seed)
     chunks, position, first_audio_at = [], 0, None
@@ -56,13 +69,14 @@ def _stream(decoder, semantic, global_tokens, config, max_push, seed=0):
         size = rng.randint(1, max_push)
         session.push(semantic[position : position + size])
         position += size
-        ready = run_chunks(session, session.plan())
+        ready = run_chunks(session, session.plan(), plain)
         if ready and first_audio_at is None:
             first_audio_at = position
         chunks += ready
     session.finish()
-    chunks += run_chunks(session, session.plan())
+    chunks += run_chunks(session, session.plan(), plain)
     assert session.done
+    assert session.stream.fallbacks == 0  # every span came from the stream's state
     return chunks, first_audio_at
 
 
@@ -238,8 +252,9 @@ class ExactnessTracker:
 @pytest.mark.parametrize("seed", range(40))
 def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     """Random settings, length and arrival (pushes of 1..N tokens, plan and decode at
-    random times, chunks still waiting at finish): 320 samples per token, and every
-    sample that only exact decodes went into equals the full decode's."""
+    random times, chunks still waiting at finish, so a batch may hold several chunks
+    of the stream): 320 samples per token, every chunk as the window decode gives it,
+    and every sample that only exact decodes went into equals the full decode's."""
     rng = random.Random(seed)
     config = random_config(rng)
     voice = [rng.randrange(4096) for _ in range(32)]
@@ -256,9 +271,16 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     waiting: list[PlannedChunk] = []  # planned, not yet decoded: the worker is busy
 
     def decode_waiting() -> None:
-        for chunk, samples in zip(waiting, run_chunks(session, waiting), strict=True):
-            tracker.add(chunk, samples)
-            out.append(samples)
+        if not waiting:
+            return
+        # The plain window decode first: it leaves the stream's state alone.
+        plain = decoder.decode_spans(window_spans(waiting))
+        audio = decoder.decode_spans([chunk.span for chunk in waiting])
+        for chunk, samples, expected in zip(waiting, audio, plain, strict=True):
+            assert (samples - expected).abs().max() <= 1e-5, config
+            out_samples = session.complete(chunk, samples)
+            tracker.add(chunk, out_samples)
+            out.append(out_samples)
         waiting.clear()
 
     position = 0
@@ -275,6 +297,7 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     waiting += session.plan()
     decode_waiting()
     assert session.done and session.plan() == []
+    assert session.stream.fallbacks == 0, config
 
     streamed, full = torch.cat(out), decoder.decode(semantic, voice)
     assert streamed.shape == full.shape == (HOP * length,), config
@@ -289,3 +312,190 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     field = decoder.receptive_field
     if config.first_lookahead_tokens >= field and session.max_lookahead >= field:
         assert exact.all(), config  # look-ahead is the whole receptive field throughout
+
+
+# -- the stream's state: the same audio, each settled sample computed once -----------
+
+# The settings of the SNR table in benchmarks/bench_decoder.py.
+BENCH_SETTINGS = {
+    "exact": StreamingConfig(first_lookahead_tokens=67),
+    "default": StreamingConfig(),
+    "no-crossfade": StreamingConfig(crossfade_samples=0),
+    "crossfade-640": StreamingConfig(crossfade_samples=640),
+    "10+0": StreamingConfig(first_lookahead_tokens=0),
+    "10+8": StreamingConfig(first_lookahead_tokens=8),
+    "10+16": StreamingConfig(first_lookahead_tokens=16),
+    "speed-up-4": StreamingConfig(assumed_speedup=4.0),
+    "speed-up-1": StreamingConfig(assumed_speedup=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(BENCH_SETTINGS))
+@pytest.mark.parametrize("max_push", [1, 9])
+def test_stream_state_gives_the_window_decodes_audio(decoder, cases, name, max_push):
+    """Reusing the stream's settled state changes nothing: the stream equals the one
+    that decodes every chunk's window from scratch (the scheme before the state)."""
+    c = cases[2]
+    args = (decoder, c["semantic"][0], c["global"][0, 0], BENCH_SETTINGS[name], max_push)
+    reused = torch.cat(_stream(*args)[0])
+    from_scratch = torch.cat(_stream(*args, plain=True)[0])
+    assert reused.shape == from_scratch.shape == (HOP * c["semantic"].shape[1],)
+    assert (reused - from_scratch).abs().max() <= 1e-5
+
+
+def _count_outputs(monkeypatch) -> dict[int, int]:
+    """Outputs each stage computes (by the stage's id), counted from now on."""
+    counts: dict[int, int] = {}
+    run = Stage.run
+
+    def counting_run(self, pieces, cond):
+        counts[id(self)] = counts.get(id(self), 0) + sum(p.hi - p.lo for p in pieces)
+        return run(self, pieces, cond)
+
+    monkeypatch.setattr(Stage, "run", counting_run)
+    return counts
+
+
+def test_exact_stream_computes_every_output_once(decoder, cases, monkeypatch):
+    """With look-ahead covering the receptive field, no chunk is approximate: every
+    stage computes each of its outputs once, as one full decode does."""
+    c = cases[2]
+    length = c["semantic"].shape[1]
+    counts = _count_outputs(monkeypatch)
+    _stream(decoder, c["semantic"][0], c["global"][0, 0], BENCH_SETTINGS["exact"], 1)
+    for stage in decoder.streaming_stages():
+        assert counts[id(stage)] == length * stage.rate_in * stage.up
+
+
+def test_approximate_chunks_recompute_only_their_own_samples(decoder, cases, monkeypatch):
+    """Default settings: the audio samples computed beyond one full decode's are those
+    of the approximate chunks (each with its re-decoded crossfade token), no more."""
+    c = cases[2]
+    semantic, voice = c["semantic"][0], c["global"][0, 0]
+    session = StreamingSession(decoder, voice)
+    approximate, start = 0, 0
+    while True:
+        end, lookahead = session.chunk_after(start)
+        if lookahead >= decoder.receptive_field:
+            break
+        approximate += end - max(0, start - 1)
+        start = end
+    counts = _count_outputs(monkeypatch)
+    _stream(decoder, semantic, voice, StreamingConfig(), 1)
+    last = decoder.streaming_stages()[-1]
+    assert HOP * len(semantic) < counts[id(last)] <= HOP * (len(semantic) + approximate)
+
+
+def test_a_span_decoded_out_of_order_falls_back_to_its_window(decoder, cases):
+    """The state cannot go back: an earlier chunk decoded after a later one takes the
+    plain window decode, with the same audio, and the stream carries on."""
+    c = cases[2]
+    semantic, voice = c["semantic"][0], c["global"][0, 0]
+    session = StreamingSession(decoder, voice)
+    session.push(semantic[:120])
+    chunks = session.plan()
+    assert len(chunks) >= 3
+    expected = decoder.decode_spans(window_spans(chunks))
+    later = decoder.decode_spans([chunks[1].span])[0]
+    earlier = decoder.decode_spans([chunks[0].span])[0]
+    assert session.stream.fallbacks == 1
+    rest = decoder.decode_spans([chunk.span for chunk in chunks[2:]])
+    for got, want in zip([earlier, later, *rest], expected, strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert session.stream.fallbacks == 1
+
+
+def test_a_failed_batch_leaves_the_stream_state_as_it_was(decoder, cases):
+    c = cases[1]
+    session = StreamingSession(decoder, c["global"][0, 0])
+    session.push(c["semantic"][0][:60])
+    chunks = session.plan()
+    before = session.stream.state
+    bad = Span(torch.tensor([1, 2, 3]), torch.zeros(32, dtype=torch.long), 2, 9)
+    with pytest.raises(ValueError, match="outside"):
+        decoder.decode_spans([*(chunk.span for chunk in chunks), bad])
+    assert session.stream.state is before
+    audio = decoder.decode_spans([chunk.span for chunk in chunks])
+    for got, want in zip(audio, decoder.decode_spans(window_spans(chunks)), strict=True):
+        assert (got - want).abs().max() <= 1e-5
+    assert session.stream.fallbacks == 0
+
+
+# -- the first chunk chosen by time --------------------------------------------------
+
+BUDGET = StreamingConfig(first_audio_budget_s=0.1)
+
+
+def _first_window(decoder, voice, semantic, rate: float) -> tuple[PlannedChunk, int]:
+    """Push one token every 1/rate s; the first chunk and the tokens seen when planned."""
+    session = StreamingSession(decoder, voice, BUDGET)
+    for position, token in enumerate(semantic, start=1):
+        session.push([token], at=1000.0 + (position - 1) / rate)
+        chunks = session.plan()
+        if chunks:
+            return chunks[0], position
+    raise AssertionError("no first chunk")
+
+
+@pytest.mark.parametrize("rate", [50, 200, 400, 3000])
+def test_first_chunk_by_time_takes_what_arrives_within_the_budget(decoder, cases, rate):
+    c = cases[2]
+    first, seen = _first_window(decoder, c["global"][0, 0], c["semantic"][0], rate)
+    window = first.span.semantic.numel()  # the first window starts at token 0
+    assert window == seen  # planned as its last token came, with every token so far
+    lookahead = window - BUDGET.first_chunk_tokens
+    if rate * BUDGET.first_audio_budget_s < BUDGET.first_chunk_tokens:
+        assert lookahead == 0  # too slow for the budget: the first chunk, at once
+    elif lookahead < decoder.receptive_field:
+        # Its last token came within the budget; the next one would have come after it.
+        assert (window - 1) / rate <= 0.1 + 1e-9 < window / rate + 1e-9
+    else:
+        assert lookahead == decoder.receptive_field  # more would change nothing
+
+
+def test_first_chunk_by_time_waits_for_a_rate(decoder, cases):
+    """Tokens in one burst give no rate: the first chunk waits for the next push, or
+    for the budget to pass."""
+    c = cases[2]
+    session = StreamingSession(decoder, c["global"][0, 0], BUDGET)
+    session.push(c["semantic"][0][:30], at=5.0)
+    assert session.plan() == []
+    session.push(c["semantic"][0][30:31], at=5.25)  # after the budget: take what is there
+    (first,) = session.plan()
+    assert first.span.semantic.numel() == 31
+    assert session.chunk_after(0) == (BUDGET.first_chunk_tokens, 21)
+
+
+@pytest.mark.parametrize("rate", [50, 400])
+def test_stream_with_a_first_audio_budget_keeps_length_and_exact_end(decoder, cases, rate):
+    c = cases[2]
+    semantic, voice = c["semantic"][0], c["global"][0, 0]
+    session = StreamingSession(decoder, voice, BUDGET)
+    out, window_ends = [], []
+    for position, token in enumerate(semantic, start=1):
+        session.push([token], at=(position - 1) / rate)
+        chunks = session.plan()
+        window_ends += [chunk.span.offset + chunk.span.semantic.numel() for chunk in chunks]
+        out += run_chunks(session, chunks)
+    session.finish()
+    out += run_chunks(session, session.plan())
+    streamed, full = torch.cat(out), decoder.decode(semantic, voice)
+    assert streamed.shape == full.shape
+    assert window_ends == sorted(window_ends)  # look-ahead never shrinks
+    assert (streamed[-HOP * 40 :] - full[-HOP * 40 :]).abs().max() <= 1e-5
+    assert session.stream.fallbacks == 0
+
+
+def test_first_audio_budget_must_be_positive():
+    with pytest.raises(ValueError, match="first_audio_budget_s"):
+        StreamingConfig(first_audio_budget_s=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stream_state_on_cuda_gives_the_window_decodes_audio(cases):
+    cuda = load_decoder(GOLDEN, device="cuda")
+    c = cases[2]
+    args = (cuda, c["semantic"][0], c["global"][0, 0], StreamingConfig(), 4)
+    reused = torch.cat(_stream(*args)[0])
+    from_scratch = torch.cat(_stream(*args, plain=True)[0])
+    assert (reused - from_scratch).abs().max() <= 1e-4

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from decoder_gateway.codec import Span, load_decoder
+from decoder_gateway.codec import Span, StreamingSession, load_decoder
 from decoder_gateway.decode_worker import DecodeWorker
 from decoder_gateway.errors import DecoderError
 from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
@@ -34,6 +35,42 @@ async def test_batches_equal_single_decodes(decoder):
         for s, (audio,) in zip(spans, results, strict=True):
             assert (audio - decoder.decode_spans([s])[0]).abs().max() <= 1e-5
         assert worker.batches < len(spans)  # some went together
+    finally:
+        await worker.close()
+
+
+async def test_streams_share_batches_and_keep_their_audio(decoder):
+    """Chunks of concurrent streams, each span carrying its session's decode state,
+    go through shared batches with the audio of their plain window decodes."""
+    worker = DecodeWorker(decoder, max_batch=8)
+    worker.start()
+    g = torch.Generator().manual_seed(5)
+    voices = [torch.randint(0, 4096, (32,), generator=g) for _ in range(3)]
+    texts = [torch.randint(0, 8192, (n,), generator=g).tolist() for n in (90, 130, 60)]
+    decoded: list[tuple[Span, torch.Tensor]] = []
+
+    async def stream(session: StreamingSession, semantic: list[int]) -> None:
+        pushes = [semantic[i : i + 7] for i in range(0, len(semantic), 7)]
+        for push in [*pushes, None]:
+            if push is None:
+                session.finish()
+            else:
+                session.push(push)
+            chunks = session.plan()
+            audio = await worker.decode([chunk.span for chunk in chunks])
+            for chunk, samples in zip(chunks, audio, strict=True):
+                decoded.append((chunk.span, samples))
+                session.complete(chunk, samples)
+        assert session.done
+
+    try:
+        sessions = [StreamingSession(decoder, voice) for voice in voices]
+        await asyncio.gather(*(stream(s, t) for s, t in zip(sessions, texts, strict=True)))
+        assert worker.batches < len(decoded)  # streams went together
+        assert all(session.stream.fallbacks == 0 for session in sessions)
+        plain = decoder.decode_spans([replace(span, stream=None) for span, _ in decoded])
+        for (_, samples), expected in zip(decoded, plain, strict=True):
+            assert (samples - expected).abs().max() <= 1e-5
     finally:
         await worker.close()
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import BiCodecConfig, PrenetConfig, SpeakerConfig, WaveGeneratorConfig
+from .incremental import Stage, build_stages, decode_streamed
 from .layers import (
     DecoderBlock,
     Snake,
@@ -175,6 +176,7 @@ class BiCodecDecoder(nn.Module):
         self.decoder = WaveGenerator(config.generator)
         self.prenet_context = prenet_context_tokens(config)
         self.generator_context = generator_context_tokens(config)
+        self._streaming_stages: list[Stage] | None = None
 
     # -- facts --------------------------------------------------------------------
     @property
@@ -231,6 +233,12 @@ class BiCodecDecoder(nn.Module):
         """(B, D, T) generator input -> (B, hop * T) samples, in the model's dtype."""
         return self.decoder(features, mask)[:, 0]
 
+    def streaming_stages(self) -> list[Stage]:
+        """The decode path as a chain of stages, for streams (:mod:`.incremental`)."""
+        if self._streaming_stages is None:
+            self._streaming_stages = build_stages(self)
+        return self._streaming_stages
+
     # -- decoding -----------------------------------------------------------------
     def decode(self, semantic: TokenInput, global_tokens: TokenInput) -> Tensor:
         """Semantic (T,) + global (32,) ids -> float32 audio (hop * T,) on the CPU."""
@@ -245,7 +253,13 @@ class BiCodecDecoder(nn.Module):
         return decode_spans(self, spans)
 
     def decode_spans(self, spans: Sequence[Span]) -> list[Tensor]:
-        """Audio of each span (float32, on the CPU), in one batch: see :mod:`.spans`."""
+        """Audio of each span (float32, on the CPU), in one batch: see :mod:`.spans`.
+
+        Spans of streaming sessions reuse their stream's settled state
+        (:mod:`.incremental`); the audio is the same.
+        """
+        if any(span.stream is not None for span in spans):
+            return decode_streamed(self, spans)
         return decode_spans(self, spans)
 
 

@@ -14,11 +14,14 @@ the costly wave generator runs on the narrow one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .incremental import DecodeStream
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class Span:
     global_tokens: Tensor  # (32,) int64, already validated
     start: int
     end: int
+    # A streaming session's spans carry its decode state: the model then reuses what
+    # earlier spans of the stream settled (see :mod:`.incremental`). ``semantic[0]``
+    # is token ``offset`` of the stream, and ``semantic`` ends where the stream's
+    # tokens are known to end for this span (the full decode of it is the answer).
+    stream: DecodeStream | None = field(default=None, compare=False, repr=False)
+    offset: int = 0
 
 
 class SpanModel(Protocol):

@@ -5,7 +5,9 @@ context costs nothing but compute (we keep the past), right context (look-ahead)
 costs latency. The session therefore plans chunks on a schedule:
 
 * the first chunk is small with a short look-ahead, so audio starts after
-  ``first_chunk_tokens + first_lookahead_tokens`` tokens;
+  ``first_chunk_tokens + first_lookahead_tokens`` tokens; or, with a
+  ``first_audio_budget_s``, the first chunk takes as much look-ahead as the tokens
+  that arrive within that time after the first one (at the rate measured so far);
 * later chunks take as much look-ahead as the LLM's lead over playback allows,
   assuming the LLM writes ``assumed_speedup`` times faster than real time, up to
   the full receptive field, from where on every chunk is sample-exact;
@@ -18,14 +20,19 @@ costs latency. The session therefore plans chunks on a schedule:
   blend, so after :meth:`StreamingSession.finish` there is always a last chunk,
   even one with no new token, that re-decodes the held tail up to the true end.
 
-The schedule depends only on token counts, never on timing, so a stream's audio
-is reproducible. Planning (:meth:`StreamingSession.plan`) and decoding are apart
-so that a worker can batch the chunks of many sessions into one forward pass.
+Without a first-audio budget the schedule depends only on token counts, never on
+timing, so a stream's audio is reproducible; with one, only the first chunk's
+look-ahead depends on when the tokens came. Planning (:meth:`StreamingSession.plan`)
+and decoding are apart so that a worker can batch the chunks of many sessions into
+one forward pass. Each session's spans carry its :class:`~.incremental.DecodeStream`,
+so the decoder computes every sample that has settled once, and recomputes only
+what an approximate chunk's missing look-ahead changes.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .bicodec import BiCodecDecoder, TokenInput
+from .incremental import DecodeStream
 from .spans import Span
 
 
@@ -49,6 +57,10 @@ class StreamingConfig:
     max_lookahead_tokens: int | None = None
     assumed_speedup: float = 2.0
     crossfade_samples: int = 320
+    # Seconds from the first token to the first chunk's last look-ahead token: the
+    # first chunk waits for the tokens that arrive within it (at the measured rate),
+    # at least first_chunk_tokens. None: first_lookahead_tokens, whatever the timing.
+    first_audio_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.first_chunk_tokens < 1 or self.min_chunk_tokens < 1:
@@ -63,6 +75,8 @@ class StreamingConfig:
             raise ValueError("crossfade_samples must be >= 0")
         if self.max_lookahead_tokens is not None and self.max_lookahead_tokens < 0:
             raise ValueError("max_lookahead_tokens must be >= 0")
+        if self.first_audio_budget_s is not None and not self.first_audio_budget_s > 0:
+            raise ValueError("first_audio_budget_s must be > 0 (None: count-based first chunk)")
 
 
 @dataclass(frozen=True)
@@ -96,10 +110,19 @@ class StreamingSession:
         self._crossfade_tokens = math.ceil(self.crossfade / self.hop)
         self._tokens: list[int] = []
         self._finished = False
+        # The first chunk's look-ahead: fixed by the count, or chosen at plan time.
+        self._first_lookahead: int | None = None
+        if self.config.first_audio_budget_s is None:
+            self._first_lookahead = min(self.config.first_lookahead_tokens, self.max_lookahead)
+        self._first_at: float | None = None  # when the first tokens came
+        self._first_push = 0  # how many came then
+        self._last_at = 0.0  # when the latest tokens came
         self._planned_until = 0  # tokens whose audio is planned
         self._final_planned = False  # the chunk that reaches the true end is planned
         self._pending: deque[PlannedChunk] = deque()
         self._held: Tensor | None = None  # last samples of the previous chunk, to blend
+        # What the decoder settled for this stream, reused by the next chunk's span.
+        self.stream = DecodeStream(decoder, self.global_tokens, self._crossfade_tokens)
 
     # -- input --------------------------------------------------------------------
     @property
@@ -118,7 +141,11 @@ class StreamingSession:
         """
         return self._final_planned and not self._pending
 
-    def push(self, semantic: Iterable[int]) -> None:
+    def push(self, semantic: Iterable[int], at: float | None = None) -> None:
+        """Add tokens that arrived at ``at`` (``time.monotonic()``; default: now).
+
+        Only a first chunk chosen by time (``first_audio_budget_s``) reads the times.
+        """
         if self._finished:
             raise RuntimeError("push() after finish()")
         ids = [int(token) for token in semantic]
@@ -126,6 +153,10 @@ class StreamingSession:
         for token in ids:
             if not 0 <= token < size:
                 raise ValueError(f"semantic token id {token} is outside [0, {size})")
+        if ids:
+            self._last_at = time.monotonic() if at is None else at
+            if self._first_at is None:
+                self._first_at, self._first_push = self._last_at, len(ids)
         self._tokens.extend(ids)
 
     def finish(self) -> None:
@@ -136,15 +167,24 @@ class StreamingSession:
 
     # -- planning -----------------------------------------------------------------
     def chunk_after(self, start: int) -> tuple[int, int]:
-        """(end, look-ahead) of the chunk that starts at token ``start``."""
+        """(end, look-ahead) of the chunk that starts at token ``start``.
+
+        With a first-audio budget, the first chunk's look-ahead counts once chosen
+        (before that, the configured ``first_lookahead_tokens`` stands in).
+        """
         cfg = self.config
+        chosen = self._first_lookahead
         if start == 0:
-            return cfg.first_chunk_tokens, min(cfg.first_lookahead_tokens, self.max_lookahead)
+            if chosen is None:
+                return cfg.first_chunk_tokens, min(cfg.first_lookahead_tokens, self.max_lookahead)
+            return cfg.first_chunk_tokens, chosen
+        lead = cfg.first_lookahead_tokens  # the first chunk's: counted, or chosen by time
+        if cfg.first_audio_budget_s is not None and chosen is not None:
+            lead = chosen
         # Tokens the LLM has written by the time playback reaches `start`.
-        budget = (
-            cfg.first_chunk_tokens + cfg.first_lookahead_tokens + int(cfg.assumed_speedup * start)
-        )
-        low = min(cfg.first_lookahead_tokens, self.max_lookahead)
+        budget = cfg.first_chunk_tokens + lead + int(cfg.assumed_speedup * start)
+        # Never less look-ahead than the first chunk had (window ends only move on).
+        low = min(lead, self.max_lookahead)
         lookahead = max(low, min(self.max_lookahead, budget - start - cfg.min_chunk_tokens))
         end = max(
             start + cfg.min_chunk_tokens, min(start + cfg.max_chunk_tokens, budget - lookahead)
@@ -157,6 +197,10 @@ class StreamingSession:
         total = len(self._tokens)
         while not self._final_planned:
             start = self._planned_until
+            if start == 0 and self._first_lookahead is None:
+                self._first_lookahead = self._timed_first_lookahead()
+                if self._first_lookahead is None:
+                    break  # another token still fits in the budget: wait for it
             end, lookahead = self.chunk_after(start)
             if self._finished and end + lookahead >= total:
                 # The rest in one chunk, exact: its window ends at the true end. It has
@@ -176,11 +220,39 @@ class StreamingSession:
         self._pending.extend(planned)
         return planned
 
+    def _timed_first_lookahead(self) -> int | None:
+        """The first chunk's look-ahead, chosen by time; None: wait for more tokens.
+
+        All the tokens so far once the budget is spent, or once the next token, at
+        the rate measured since the first push, would come after it.
+        """
+        cfg, total = self.config, len(self._tokens)
+        if self._finished or total >= cfg.first_chunk_tokens + self.max_lookahead:
+            return self.max_lookahead  # more would change nothing
+        if total < cfg.first_chunk_tokens or self._first_at is None:
+            return None
+        assert cfg.first_audio_budget_s is not None
+        deadline = self._first_at + cfg.first_audio_budget_s
+        if self._last_at < deadline:
+            since, later = self._last_at - self._first_at, total - self._first_push
+            if since <= 0 or later == 0:
+                return None  # no rate yet: the next push tells
+            if self._last_at + since / later <= deadline:
+                return None
+        return total - cfg.first_chunk_tokens
+
     def _make_chunk(self, start: int, end: int, window_end: int, final: bool) -> PlannedChunk:
         span_start = max(0, start - self._crossfade_tokens) if start else 0
         window_start = max(0, span_start - self.decoder.receptive_field)
         semantic = torch.tensor(self._tokens[window_start:window_end], dtype=torch.long)
-        span = Span(semantic, self.global_tokens, span_start - window_start, end - window_start)
+        span = Span(
+            semantic,
+            self.global_tokens,
+            span_start - window_start,
+            end - window_start,
+            stream=self.stream,
+            offset=window_start,
+        )
         emit_from = start * self.hop - span_start * self.hop - (self.crossfade if start else 0)
         return PlannedChunk(span, emit_from, final)
 

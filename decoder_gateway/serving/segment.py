@@ -61,6 +61,7 @@ class SegmentSynthesis:
             first_lookahead_tokens=settings.stream_first_lookahead_tokens,
             assumed_speedup=settings.stream_assumed_speedup,
             crossfade_samples=settings.stream_crossfade_samples,
+            first_audio_budget_s=_seconds(settings.stream_first_audio_budget_ms),
         )
 
     async def run(
@@ -99,7 +100,7 @@ class SegmentSynthesis:
                     last_token_at = time.monotonic()
                     first_token_at = first_token_at or last_token_at
                     self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
-                    session.push(delta.semantic)
+                    session.push(delta.semantic, at=last_token_at)
                     await self._decode_ready(session, index, state, emit)
         if session is None or session.num_tokens == 0:
             if written_globals:
@@ -154,6 +155,10 @@ def token_budget(text: str, writes_globals: bool) -> int:
     character); 20 per character leaves six times that.
     """
     return 100 + 20 * len(text) + (GLOBAL_TOKEN_COUNT + 2 if writes_globals else 0)
+
+
+def _seconds(milliseconds: float | None) -> float | None:
+    return None if milliseconds is None else milliseconds / 1000
 
 
 def _check_globals(tokens: list[int]) -> list[int]:
