@@ -43,7 +43,6 @@ router = APIRouter()
 logger = logging.getLogger(__name__)
 
 _CLOSED = object()
-POLICY_VIOLATION = 1008
 
 
 def _invalid_request(err: ValidationError, data: dict[str, Any]) -> ErrorMessage:

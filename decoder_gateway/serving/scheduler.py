@@ -47,14 +47,6 @@ class SegmentSource:
         self._closed = closed
         self._changed = asyncio.Event()
 
-    @property
-    def count(self) -> int:
-        return len(self._segments)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def add(self, segment: str) -> None:
         if self._closed:
             raise RuntimeError("add() after close()")

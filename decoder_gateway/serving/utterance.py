@@ -47,15 +47,6 @@ class Utterance:
         self.playing = False  # a transport plays the stream (set by the transport)
         self.received_chars = 0
 
-    @property
-    def buffered_chars(self) -> int:
-        """Text received and not yet released as a segment."""
-        return self.segmenter.buffered_chars
-
-    @property
-    def segments(self) -> int:
-        return self.source.count
-
     async def feed(self, fragment: str) -> SpeechStream | None:
         """Take a fragment; returns the stream when this fragment opened it.
 
