@@ -292,3 +292,17 @@ def test_seed_websocket_timestamps(gateway, llm):
     assert sum(map(len, binary)) == end["samples"] * 2
     # Each segment frame follows that segment's last audio: its end matches the audio so far.
     assert [f["type"] for f in plain] == ["start", "end"]  # nothing new unless asked
+
+
+def test_auth_messages_on_the_text_stream_are_answered_as_on_the_seed_websocket(make_gateway, llm):
+    gateway = make_gateway(GATEWAY_API_KEY="secret")
+    headers = {"Authorization": "Bearer secret"}
+    with ws_connect(f"{gateway.ws_url}{PATH}", additional_headers=headers) as ws:
+        ws.send(json.dumps({"type": "auth", "api_key": "wrong"}))
+        assert json.loads(ws.recv(timeout=10))["code"] == "invalid_api_key"
+        ws.send(json.dumps({"type": "auth", "api_key": "secret"}))
+        assert json.loads(ws.recv(timeout=10)) == {"type": "auth", "status": "ok"}
+        config(ws, response_format="pcm")
+        send_text(ws, "Habari yako?")
+        done(ws)
+        assert collect(ws)[0][-1]["total_sentences"] == 1  # the connection was kept

@@ -29,13 +29,11 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from ..audio import PCM_SAMPLE_WIDTH, to_pcm16
-from ..auth import key_matches
 from ..encoders import AudioPipeline, wav_header
 from ..errors import GatewayError, InvalidRequest, SlowClient
 from ..protocol import (
     AudioDone,
     AudioStart,
-    AuthReply,
     ErrorMessage,
     InputText,
     SessionConfig,
@@ -45,17 +43,18 @@ from ..serving import Audio, SegmentEnd, SegmentStart, SpeechStream
 from ..serving.utterance import Utterance
 from ..voices import Voice
 from .errors import ws_error_frame
-from .ws_session import Connection, authenticate, decode_message
+from .ws_session import (
+    Connection,
+    auth_reply,
+    authenticate,
+    decode_message,
+    validation_frame,
+)
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
 
 ENDPOINT = "text_stream"
-
-
-def _validation_frame(err: ValidationError) -> ErrorMessage:
-    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-    return ErrorMessage(message=detail, code="invalid_request")
 
 
 def whole_wav(pcm: bytes, sample_rate: int) -> bytes:
@@ -151,7 +150,7 @@ class TextStreamSession:
                 if await self.handle(data) is False:
                     return
             except ValidationError as err:
-                await self.conn.send(_validation_frame(err))
+                await self.conn.send(validation_frame(err))
             except GatewayError as err:
                 await self.conn.send(ws_error_frame(err))
 
@@ -172,10 +171,7 @@ class TextStreamSession:
                 await self.conn.ws.close(code=1000)
             return False
         elif kind == "auth":
-            api_key, presented = self.settings.gateway_api_key, data.get("api_key")
-            if api_key and not (isinstance(presented, str) and key_matches(api_key, presented)):
-                raise InvalidRequest("wrong API key")
-            await self.conn.send(AuthReply())
+            await self.conn.send(auth_reply(data, self.settings.gateway_api_key))
         else:
             await self.conn.send(
                 ErrorMessage(

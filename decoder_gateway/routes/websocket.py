@@ -25,7 +25,6 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from ..audio import to_pcm16
-from ..auth import key_matches
 from ..errors import GatewayError, SlowClient
 from ..protocol import (
     AuthReply,
@@ -37,20 +36,18 @@ from ..protocol import (
 )
 from ..serving import Audio, SegmentEnd, SegmentStart
 from .errors import ws_error_frame
-from .ws_session import Connection, authenticate, decode_message
+from .ws_session import (
+    Connection,
+    auth_reply,
+    authenticate,
+    decode_message,
+    validation_frame,
+)
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
 
 _CLOSED = object()
-
-
-def _invalid_request(err: ValidationError, data: dict[str, Any]) -> ErrorMessage:
-    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-    segment_id = data.get("segment_id")
-    if isinstance(segment_id, bool) or not isinstance(segment_id, (str, int)):
-        segment_id = None
-    return ErrorMessage(message=detail, code="invalid_request", segment_id=segment_id)
 
 
 def parse_message(
@@ -60,15 +57,12 @@ def parse_message(
     data = decode_message(raw, max_bytes)
     if isinstance(data, ErrorMessage):
         return data
-    if data.get("type") == "auth":  # also from clients already let in by their headers
-        presented = data.get("api_key")
-        if api_key and not (isinstance(presented, str) and key_matches(api_key, presented)):
-            return ErrorMessage(message="wrong API key", code="invalid_api_key")
-        return AuthReply()
+    if data.get("type") == "auth":
+        return auth_reply(data, api_key)
     try:
         return WebSocketSpeechMessage.model_validate(data)
     except ValidationError as err:
-        return _invalid_request(err, data)
+        return validation_frame(err, data.get("segment_id"))
 
 
 async def _read(

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ..auth import authorized, key_matches
 from ..errors import SlowClient
@@ -73,6 +73,24 @@ def decode_message(raw: dict, max_bytes: int) -> dict[str, Any] | ErrorMessage:
     if not isinstance(data, dict):
         return ErrorMessage(message="message must be a JSON object", code="invalid_message")
     return data
+
+
+def auth_reply(data: dict[str, Any], api_key: str | None) -> AuthReply | ErrorMessage:
+    """The answer to ``{"type": "auth", "api_key": ...}``, also from a client already let
+    in by its headers: ok, or ``invalid_api_key`` (the connection stays open)."""
+    presented = data.get("api_key")
+    if api_key and not (isinstance(presented, str) and key_matches(api_key, presented)):
+        return ErrorMessage(message="wrong API key", code="invalid_api_key")
+    return AuthReply()
+
+
+def validation_frame(err: ValidationError, segment_id: object = None) -> ErrorMessage:
+    """An ``invalid_request`` frame naming each field at fault; ``segment_id`` echoed
+    when it is a plain string or integer (never a boolean)."""
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    if isinstance(segment_id, bool) or not isinstance(segment_id, (str, int)):
+        segment_id = None
+    return ErrorMessage(message=detail, code="invalid_request", segment_id=segment_id)
 
 
 async def authenticate(conn: Connection, settings: Settings) -> bool:
