@@ -123,8 +123,9 @@ class TextStreamSession:
         self.voice: Voice | None = None  # resolved from the config on first use
         self.utterance: Utterance | None = None  # receiving text (until input.done)
         self.utterance_index = -1
+        # Players not yet finished, in order (finished ones are dropped: a voice agent's
+        # session may last for hundreds of utterances).
         self._players: list[asyncio.Task[None]] = []
-        self._utterances: list[Utterance] = []
 
     @property
     def busy(self) -> bool:
@@ -206,7 +207,6 @@ class TextStreamSession:
                 self.config.max_tokens or self.config.max_new_tokens,
                 ENDPOINT,
             )
-            self._utterances.append(self.utterance)
         utterance = self.utterance
         try:
             await utterance.feed(fragment)
@@ -233,6 +233,7 @@ class TextStreamSession:
 
     def _start_player(self, utterance: Utterance | None, index: int) -> None:
         previous = self._players[-1] if self._players else None
+        self._players = [player for player in self._players if not player.done()]
         self._players.append(
             asyncio.create_task(
                 self._play(utterance, index, previous, self.config),
@@ -247,15 +248,19 @@ class TextStreamSession:
         previous: asyncio.Task[None] | None,
         config: SessionConfig,
     ) -> None:
-        if previous is not None:  # utterances play in the order they were sent
-            await asyncio.gather(previous, return_exceptions=True)
         sentences = 0
         try:
+            if previous is not None:  # utterances play in the order they were sent
+                await asyncio.gather(previous, return_exceptions=True)
             if utterance is not None and utterance.stream is not None:
                 sentences = await self._play_stream(utterance.stream, index, config)
             await self.conn.send(SessionDone(utterance_index=index, total_sentences=sentences))
         except SlowClient:
             pass  # the client stopped reading; the connection is cut
+        finally:
+            # Also when cancelled while waiting its turn: its generation is aborted.
+            if utterance is not None:
+                await utterance.close()
 
     async def _play_stream(self, stream: SpeechStream, index: int, config: SessionConfig) -> int:
         rate = self.service.sample_rate
@@ -319,12 +324,13 @@ class TextStreamSession:
             sentence.bytes_sent += len(data)
 
     async def close(self) -> None:
-        """The connection is gone or closing: stop every utterance, upstream included."""
+        """The connection is gone or closing: stop every utterance, upstream included
+        (each player closes its own; the one being written may have none yet)."""
         for player in self._players:
             player.cancel()
         await asyncio.gather(*self._players, return_exceptions=True)
-        for utterance in self._utterances:
-            await utterance.close()
+        if self.utterance is not None:
+            await self.utterance.close()
 
 
 @router.websocket("/v1/audio/speech/stream")
