@@ -69,6 +69,17 @@ def checkpoint_layout(model: BiCodecDecoder) -> dict[str, tuple[int, ...]]:
     return layout
 
 
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """``config.yaml`` and ``model.safetensors`` of a BiCodec folder; a missing one is
+    a FileNotFoundError naming it (the decoder and the speaker encoder read both)."""
+    folder = Path(path)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"BiCodec folder {folder} has no {required.name}")
+    return config_path, weights_path
+
+
 def load_decoder(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -81,11 +92,7 @@ def load_decoder(
     was loaded and skipped.
     """
     started = time.perf_counter()
-    folder = Path(path)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"BiCodec folder {folder} has no {required.name}")
+    config_path, weights_path = checkpoint_files(path)
     device = torch.device(device)
     if dtype != torch.float32 and device.type == "cpu":
         logger.warning(
@@ -102,7 +109,7 @@ def load_decoder(
     model.load_report = report
     logger.info(
         "BiCodec decoder loaded from %s in %.2f s: %d decode keys, %d skipped (%s)",
-        folder,
+        config_path.parent,
         report.seconds,
         report.loaded_keys,
         len(report.skipped_keys),

@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from .config import BiCodecConfig
 from .ecapa import ECAPATDNN
 from .loading import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
     CheckpointError,
     LoadReport,
     _check_shape,
+    checkpoint_files,
     checkpoint_layout,
 )
 from .mel import MelConfig, MelSpectrogram
@@ -301,11 +300,7 @@ def load_speaker_encoder(path: str | Path, device: str | torch.device = "cpu") -
     :class:`CheckpointError` naming the key when one is missing or mis-shaped.
     """
     started = time.perf_counter()
-    folder = Path(path)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"BiCodec folder {folder} has no {required.name}")
+    config_path, weights_path = checkpoint_files(path)
 
     # The network is built on the meta device (no random init); the mel window and
     # filterbank are computed on the CPU regardless, since no checkpoint carries them.
@@ -318,7 +313,7 @@ def load_speaker_encoder(path: str | Path, device: str | torch.device = "cpu") -
     model.load_report = report
     logger.info(
         "BiCodec speaker encoder loaded from %s in %.2f s: %d keys, %d skipped",
-        folder,
+        config_path.parent,
         report.seconds,
         report.loaded_keys,
         len(report.skipped_keys),
