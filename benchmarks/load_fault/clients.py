@@ -107,6 +107,12 @@ class Request:
     error_code: str | None = None  # the code of an HTTP error body or a WS error frame
     error_param: str | None = None  # the param of an HTTP error body
 
+    def audio(self, size: int) -> None:
+        """``size`` bytes of audio arrived (the first ones set the time to first audio)."""
+        if self.first_audio_s is None:
+            self.first_audio_s = time.monotonic() - self.started
+        self.received += size
+
     def end(self, outcome: str, reason: str = "") -> None:
         if not self.outcome:  # the first verdict stands
             self.outcome, self.reason = outcome, reason
@@ -398,9 +404,7 @@ class Clients:
                 async for chunk in response.aiter_raw():
                     if not chunk:
                         continue
-                    if request.first_audio_s is None:
-                        request.first_audio_s = time.monotonic() - request.started
-                    request.received += len(chunk)
+                    request.audio(len(chunk))
                     chunks += 1
                     if abandon_after_chunks is not None and chunks >= abandon_after_chunks:
                         request.end(ABANDONED, "disconnected mid-stream")
@@ -428,9 +432,7 @@ class Clients:
                 continue
             kind = event.get("type")
             if kind == "speech.audio.delta":
-                if request.first_audio_s is None:
-                    request.first_audio_s = time.monotonic() - request.started
-                request.received += len(base64.b64decode(event.get("audio", "")))
+                request.audio(len(base64.b64decode(event.get("audio", ""))))
             elif kind == "speech.audio.done":
                 request.end(COMPLETED if request.received else LOST, "sse: done")
                 return
@@ -508,9 +510,7 @@ class Clients:
                 if isinstance(frame, bytes):
                     if not started:
                         self.rec.anomaly(f"{request.client}: audio before 'start'")
-                    if request.first_audio_s is None:
-                        request.first_audio_s = time.monotonic() - request.started
-                    request.received += len(frame)
+                    request.audio(len(frame))
                     if abandon is not None:
                         if abandon == "drop":
                             ws.transport.abort()

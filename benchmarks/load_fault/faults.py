@@ -385,9 +385,7 @@ class Faults(Clients):
                     if current is None:
                         self.rec.anomaly(f"{name} (ws_pipelined): audio outside start/end")
                         continue
-                    if current.first_audio_s is None:
-                        current.first_audio_s = time.monotonic() - current.started
-                    current.received += len(frame)
+                    current.audio(len(frame))
                     continue
                 data = json.loads(frame)
                 kind, segment_id = data.get("type"), data.get("segment_id")
@@ -529,9 +527,7 @@ class Faults(Clients):
                 if current is None:
                     self.rec.anomaly(f"{bad.client} (ws_nested_json): audio outside start/end")
                     continue
-                if current.first_audio_s is None:
-                    current.first_audio_s = time.monotonic() - current.started
-                current.received += len(frame)
+                current.audio(len(frame))
                 continue
             data = json.loads(frame)
             kind, segment_id = data.get("type"), data.get("segment_id")
