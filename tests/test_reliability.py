@@ -61,6 +61,9 @@ def stalled_socket(port: int) -> socket.socket:
     """A connected socket with a tiny receive buffer, which its owner never reads."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    # A small MSS keeps the server's kernel send buffer small too (Linux sizes it from
+    # the MSS), so its sends block within a second instead of after megabytes.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
     sock.connect(("127.0.0.1", port))
     return sock
 
@@ -110,8 +113,17 @@ STALL_CASES = {
         "/v1/audio/speech",
         {"input": LONG_TEXT, "response_format": "pcm", "stream_format": "sse"},
     ),
-    "websocket": ("/v1/audio/speech/stream/ws", {"input": LONG_TEXT, "segment_id": 1}),
+    "websocket": ("/v1/audio/speech/stream/ws", [{"input": LONG_TEXT, "segment_id": 1}]),
+    "text_stream": (
+        "/v1/audio/speech/stream",
+        [
+            {"type": "session.config", "response_format": "pcm", "stream_audio": True},
+            {"type": "input.text", "text": LONG_TEXT},
+            {"type": "input.done"},
+        ],
+    ),
 }
+WS_CASES = {"websocket", "text_stream"}
 
 
 @pytest.mark.parametrize("case", list(STALL_CASES))
@@ -126,10 +138,10 @@ def test_a_stalled_reader_loses_its_slot_and_its_upstream_requests(make_gateway,
     # 30 s of audio per sentence, written in 5 s: still running when the client is cut.
     llm.control(tokens_per_s=300, tokens_per_segment=1500)
     path, body = STALL_CASES[case]
-    endpoint = {"stream": "stream", "websocket": "websocket"}.get(case, "openai")
+    endpoint = case if case in ("stream", *WS_CASES) else "openai"
     sock = stalled_socket(gateway.port)
     try:
-        if case == "websocket":
+        if case in WS_CASES:
             sock.sendall(ws_handshake(path))
             # Frames go after the server's 101: uvicorn may drop bytes that arrive with
             # the upgrade request itself.
@@ -137,7 +149,8 @@ def test_a_stalled_reader_loses_its_slot_and_its_upstream_requests(make_gateway,
             while b"\r\n\r\n" not in answer:
                 answer += sock.recv(1024)
             assert answer.startswith(b"HTTP/1.1 101")
-            sock.sendall(ws_text_frame(json.dumps(body).encode()))
+            for message in body:
+                sock.sendall(ws_text_frame(json.dumps(message).encode()))
         else:
             sock.sendall(http_request(path, json.dumps(body).encode()))
         started = {"endpoint": endpoint, "outcome": "slow_client"}
