@@ -1,13 +1,18 @@
 """BiCodec decoder benchmark on the released configuration with random weights.
 
-    python benchmarks/bench_decoder.py [--device cuda] [--quick] [--only speed,load,...]
+    python benchmarks/bench_decoder.py [--device cuda] [--dtype bfloat16] [--quick] [--compile]
+                                       [--only speed,graphs,precision,...]
 
-Prints tables: decode speed by utterance length, streaming cost against one full
-decode (each chunk's window decoded from scratch, as before, and with the
-stream's settled state reused), batching, load time and peak memory (decode-only
-load against reading the whole checkpoint), the SNR of streamed against full
-decodes per chunking setting, and the first chunk chosen by count or by time at
-simulated LLM token rates.
+Prints tables: decode speed by utterance length; CUDA graphs off and on for
+batches of streaming chunks (CUDA only); reduced precision, channels-last and
+torch.compile (--compile) against float32, with their SNR, on the golden-size and
+the real-size checkpoints; batching 1 to 64 spans one by one, in one padded pass
+and in passes of the device's token budget, and which budget is fastest;
+streaming cost against one full decode (each chunk's window decoded from scratch,
+as before, and with the stream's settled state reused); the first chunk chosen by
+count or by time at simulated LLM token rates; the SNR of streamed against full
+decodes per chunking setting; load time and peak memory (decode-only load against
+reading the whole checkpoint).
 Real trained weights are not available here: the generator's gains are raised
 (as in the golden data) so the output carries token-dependent signal, not mostly
 a bias pattern; the SNR figures describe these weights, not trained ones.
@@ -16,28 +21,37 @@ a bias pattern; the SNR figures describe these weights, not trained ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import functools
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from report import table  # benchmarks/, the script's own folder
 from safetensors.torch import save_file
 
 from decoder_gateway.codec import (
     BiCodecConfig,
     BiCodecDecoder,
+    Span,
     StreamingConfig,
     StreamingSession,
+    WindowGraphs,
     checkpoint_layout,
+    decode_spans,
     load_decoder,
 )
 from decoder_gateway.codec.layers import WEIGHT_NORMED
-from decoder_gateway.testing import REPO
+from decoder_gateway.codec.loading import cpu_computes_in
+from decoder_gateway.testing import GOLDEN_BICODEC, REPO
 
 REAL = REPO / "tests" / "data" / "bicodec"
 TOKENS_PER_SECOND = 50
@@ -72,8 +86,8 @@ def random_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def timed(fn, repeats: int) -> float:
-    return timed_cpu(fn, repeats)[0]
+def timed(fn, repeats: int, warm_up: bool = True) -> float:
+    return timed_cpu(fn, repeats, warm_up)[0]
 
 
 def timed_cpu(fn, repeats: int, warm_up: bool = True) -> tuple[float, float]:
@@ -163,8 +177,11 @@ def load_probe(folder: Path, mode: str) -> tuple[float, float, float]:
 class Bench:
     """The model under test, a voice, and a seeded token source."""
 
-    def __init__(self, model: BiCodecDecoder, folder: Path, device: str, repeats: int) -> None:
+    def __init__(
+        self, model: BiCodecDecoder, folder: Path, device: str, repeats: int, compile: bool
+    ) -> None:
         self.model, self.folder, self.device, self.repeats = model, folder, device, repeats
+        self.compile = compile
         self.voice = torch.randint(0, 4096, (32,))
         self._gen = torch.Generator().manual_seed(1)
 
@@ -218,16 +235,78 @@ def bench_streaming(b: Bench) -> None:
     )
 
 
+def chunk_spans(b: Bench, count: int) -> list[Span]:
+    """Streaming-chunk spans: 4-20 tokens inside longer sequences, different voices."""
+    spans = []
+    for i in range(count):
+        semantic = b.tokens(200)
+        start, size = 60 + (13 * i) % 50, 4 + (5 * i) % 17
+        spans.append(Span(semantic, torch.randint(0, 4096, (32,)), start, start + size))
+    return spans
+
+
+def sentence_spans(b: Bench, count: int) -> list[Span]:
+    """Whole sequences of 0.8-1.2 s, different voices."""
+    spans = []
+    for i in range(count):
+        semantic = b.tokens(40 + (7 * i) % 21)
+        spans.append(Span(semantic, torch.randint(0, 4096, (32,)), 0, len(semantic)))
+    return spans
+
+
 def bench_batch(b: Bench) -> None:
+    model, default = b.model, b.model.batch_tokens
+    workloads = [
+        ("chunks", chunk_spans, (1, 4, 16, 64)),
+        ("~1 s sentences", sentence_spans, (1, 4, 16) if b.device == "cpu" else (1, 4, 16, 64)),
+    ]
     rows = []
-    for size in (1, 4, 16):  # sequences of 0.8-1.2 s, different voices
-        items = [(b.tokens(40 + (7 * i) % 21), torch.randint(0, 4096, (32,))) for i in range(size)]
-        single = timed(lambda it=items: [b.model.decode(s, g) for s, g in it], b.repeats)
-        batched = timed(lambda it=items: b.model.decode_batch(it), b.repeats)
-        rows.append([size, single, batched, f"{single / batched:.2f}x"])
+    for name, make, sizes in workloads:
+        for size in sizes:
+            spans = make(b, size)
+            single = timed(lambda sp=spans: [decode_spans(model, [s]) for s in sp], b.repeats)
+            padded = timed(lambda sp=spans: decode_spans(model, sp), b.repeats)
+            budget = timed(lambda sp=spans: decode_spans(model, sp, default), b.repeats)
+            rows.append(
+                [
+                    name,
+                    size,
+                    single,
+                    padded,
+                    budget,
+                    f"{single / padded:.2f}x",
+                    f"{single / budget:.2f}x",
+                ]
+            )
     table(
-        "Batching (~1 s sequences of different lengths and voices)",
-        ["batch", "singles (s)", "one batch (s)", "speed-up"],
+        f"Batching: spans one by one, in one padded pass (before), and in passes of at most "
+        f"{default} tokens of generator window (the {b.device} default, DECODER_BATCH_TOKENS)",
+        [
+            "spans",
+            "batch",
+            "one by one (s)",
+            "one pass (s)",
+            "budgeted (s)",
+            "speed-up, one pass",
+            "speed-up, budgeted",
+        ],
+        rows,
+    )
+    # Which budget is fastest here: a mixed load, as the gateway's worker meets it.
+    on_cpu = b.device == "cpu"
+    chunks, sentences = (16, 4) if on_cpu else (128, 32)
+    spans = chunk_spans(b, chunks) + sentence_spans(b, sentences)
+    budgets = (16, 32, 64, 128, 256, 1024) if on_cpu else (64, 256, 1024, 4096, 16384)
+    single = timed(lambda: [decode_spans(model, [s]) for s in spans], b.repeats)
+    rows = []
+    for budget in (*budgets, None):
+        t = timed(lambda n=budget: decode_spans(model, spans, n), b.repeats)
+        rows.append(["one pass" if budget is None else budget, t, f"{single / t:.2f}x"])
+    best = min(rows, key=lambda row: row[1])
+    table(
+        f"Batch budget ({chunks} chunks + {sentences} sentences; one by one {single:.3f} s): "
+        f"fastest {best[0]}, default on {b.device} {default}",
+        ["tokens per pass", "time (s)", "speed-up over one by one"],
         rows,
     )
 
@@ -357,23 +436,145 @@ def bench_first_audio(b: Bench) -> None:
     )
 
 
-def bench_precision(b: Bench) -> None:
+@contextlib.contextmanager
+def channels_last_convs():
+    """Every 1-D conv run as a 2-D conv on (B, C, 1, T) in channels-last memory format
+    (torch's channels-last formats are 4-D and 5-D only): a benchmark-only switch."""
+    conv1d = F.conv1d
+
+    def as_2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        def first(v):
+            return v if isinstance(v, int) else v[0]
+
+        y = F.conv2d(
+            x.unsqueeze(2).contiguous(memory_format=torch.channels_last),
+            weight.unsqueeze(2).contiguous(memory_format=torch.channels_last),
+            bias,
+            (1, first(stride)),
+            (0, first(padding)),
+            (1, first(dilation)),
+            groups,
+        )
+        return y.squeeze(2)
+
+    F.conv1d = as_2d
+    try:
+        yield
+    finally:
+        F.conv1d = conv1d
+
+
+def compiled(model: BiCodecDecoder) -> BiCodecDecoder:
+    """The same decoder with its two window passes compiled (shapes vary: dynamic)."""
+    other = copy.copy(model)  # shares the weights; torch.compile wraps the methods
+    other.features = torch.compile(model.features, dynamic=True)
+    other.waveform = torch.compile(model.waveform, dynamic=True)
+    return other
+
+
+def precision_modes(b: Bench, folder: Path) -> list[tuple[str, Callable[[], object]]]:
+    """(name, context factory or model) of every reduced-precision mode for the device."""
+    modes: list[tuple[str, object]] = [
+        (f"autocast {b.device} bfloat16", lambda: torch.autocast(b.device, torch.bfloat16)),
+        ("bfloat16 model (DECODER_DTYPE)", load_decoder(folder, b.device, torch.bfloat16)),
+    ]
+    if b.device == "cuda" or cpu_computes_in(torch.float16):
+        modes.append(
+            ("float16 model (DECODER_DTYPE)", load_decoder(folder, b.device, torch.float16))
+        )
     if b.device == "cpu":
-        print("\n(reduced precision: CUDA only, skipped on the CPU)")
-        return
-    semantic = b.tokens(6 * TOKENS_PER_SECOND)
-    full = b.model.decode(semantic, b.voice)
+        modes.append(("float32, channels-last convs", channels_last_convs))
+    if b.compile:
+        fp32 = load_decoder(folder, b.device)
+        modes.append(("float32, torch.compile", compiled(fp32)))
+        modes.append(("bfloat16 model, torch.compile", compiled(modes[1][1])))
+    return modes
+
+
+def decode_whole(model: BiCodecDecoder, span: Span) -> torch.Tensor:
+    return decode_spans(model, [span])[0]
+
+
+def bench_precision(b: Bench) -> None:
+    """Each mode against float32 on the golden-size and the real-size checkpoints."""
     rows = []
-    for low in (torch.bfloat16, torch.float16):
-        other = load_decoder(b.folder, device=b.device, dtype=low)
+    for name, folder in (("golden", GOLDEN_BICODEC), ("real-size", b.folder)):
+        reference = load_decoder(folder, b.device)
+        semantic = torch.randint(0, reference.config.codebook_size, (100,), generator=b._gen)
+        whole = Span(semantic, b.voice, 0, len(semantic))
+        run = functools.partial(decode_whole, span=whole)
+
+        full = run(reference)
+        base = timed(functools.partial(run, reference), b.repeats)
+        rows.append([name, "float32", base, "1.00x", "-", "-", "-"])
+        for mode, how in precision_modes(b, folder):
+            model, context = (
+                (how, contextlib.nullcontext)
+                if isinstance(how, BiCodecDecoder)
+                else (reference, how)
+            )
+            started = time.perf_counter()
+            with context():
+                audio = run(model)  # also the warm-up (and compilation)
+                first = time.perf_counter() - started
+                t = timed(functools.partial(run, model), b.repeats, warm_up=False)
+            rows.append(
+                [
+                    name,
+                    mode,
+                    t,
+                    f"{base / t:.2f}x",
+                    snr_db(full, audio),
+                    f"{(audio - full).abs().max():.1e}",
+                    f"{first:.1f}",
+                ]
+            )
+    table(
+        f"Reduced precision and compilation against float32 ({b.device}, a 2 s decode)",
+        [
+            "checkpoint",
+            "mode",
+            "time (s)",
+            "speed-up",
+            "SNR vs float32 (dB)",
+            "max abs err",
+            "first call (s)",
+        ],
+        rows,
+    )
+
+
+def bench_graphs(b: Bench) -> None:
+    """Chunk decodes with CUDA graphs off (eager window decode) and on (replayed)."""
+    if b.device != "cuda":
+        print("\n(CUDA graphs: CUDA only, skipped on the CPU)")
+        return
+    model = b.model
+    rows = []
+    for size in (1, 4, 16, 64):
+        spans = chunk_spans(b, size)
+        eager = timed(lambda sp=spans: decode_spans(model, sp, model.batch_tokens), b.repeats)
+        graphs = WindowGraphs(model)
+        started = time.perf_counter()
+        graphs.decode(spans)  # captures the buckets this batch needs
+        torch.cuda.synchronize()
+        capture = time.perf_counter() - started
+        replayed = timed(lambda sp=spans, g=graphs: g.decode(sp), b.repeats)
         rows.append(
             [
-                str(low),
-                snr_db(full, other.decode(semantic, b.voice)),
-                timed(lambda o=other: o.decode(semantic, b.voice), b.repeats),
+                size,
+                f"{eager * 1000:.1f}",
+                f"{replayed * 1000:.1f}",
+                f"{eager / replayed:.2f}x",
+                f"{capture * 1000:.0f}",
+                graphs.failure or "ok",
             ]
         )
-    table("Reduced precision against float32 (6 s)", ["dtype", "SNR (dB)", "time (s)"], rows)
+    table(
+        "CUDA graphs: a batch of streaming chunks (4-20 tokens each), graphs off and on",
+        ["chunks", "off (ms)", "on (ms)", "speed-up", "first call, capture (ms)", "capture"],
+        rows,
+    )
 
 
 def bench_load(b: Bench) -> None:
@@ -388,13 +589,15 @@ def bench_load(b: Bench) -> None:
     )
 
 
+# In the order of what a GPU check must not miss if its time runs out.
 SECTIONS = {
     "speed": bench_speed,
-    "streaming": bench_streaming,
-    "batch": bench_batch,
-    "quality": bench_quality,
-    "first_audio": bench_first_audio,
+    "graphs": bench_graphs,
     "precision": bench_precision,
+    "batch": bench_batch,
+    "streaming": bench_streaming,
+    "first_audio": bench_first_audio,
+    "quality": bench_quality,
     "load": bench_load,
 }
 
@@ -404,6 +607,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the model's dtype (DECODER_DTYPE); `precision` compares against float32 anyway",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="precision: also torch.compile (minutes on a CPU)"
+    )
+    parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}"
     )
     args = parser.parse_args()
@@ -412,13 +624,13 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     print(
-        f"# BiCodec decoder benchmark: device {args.device}, float32, "
+        f"# BiCodec decoder benchmark: device {args.device}, {args.dtype}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(Path(tmp) / "BiCodec")
-        model = load_decoder(folder, device=args.device)
-        bench = Bench(model, folder, args.device, 1 if args.quick else 3)
+        model = load_decoder(folder, device=args.device, dtype=getattr(torch, args.dtype))
+        bench = Bench(model, folder, args.device, 1 if args.quick else 3, args.compile)
         for name in chosen:
             SECTIONS[name](bench)
 

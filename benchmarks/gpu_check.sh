@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: the decoder tables and the gateway table on a lent GPU machine, in under
-# 8 minutes (every part has a time budget; the parts' budgets add up to 450 s).
+# 8 minutes (every part has a time budget; the parts' budgets add up to 400 s).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (DEVICE=cuda)
 #   bash benchmarks/gpu_check.sh --dry-run  # here, on a CPU: the same steps, tiny sizes
@@ -13,12 +13,12 @@
 # 2. The gateway's other dependencies: missing ones are installed from .wheels/ with
 #    `pip install --no-index` (the wheels must be for this machine's Python version);
 #    PyAV, too big to carry, is replaced by a stub the PCM benchmarks never call.
-# 3. bench_decoder.py --device $DEVICE: every section it has but `load` (full decode,
-#    streaming overhead, batching, streamed-vs-full SNR, reduced precision, CUDA graphs
-#    if it has that section): 150 s.
+# 3. bench_decoder.py --device $DEVICE: every section it has but `load`, most needed
+#    first (full decode, CUDA graphs on/off, float32 against bf16/fp16 with SNR,
+#    batch 1/4/16/64, streaming overhead, first chunk, streamed-vs-full SNR): 200 s.
 # 4. bench_gateway.py --only grid: the full-size random decoder on $DEVICE behind the
 #    gateway, the stand-in LLM at 200 and 400 tokens/s per stream, 1/4/16/64 streams:
-#    210 s (its own --time-budget 190 s, so its table is always printed).
+#    200 s (its own --time-budget 180 s, so its table is always printed).
 #
 # The tables go to stdout and, when $OUT is set, to $OUT/gpu_tables.md (everything,
 # pip and warnings included, to $OUT/gpu_check.log). Exit status: 0 when every part
@@ -230,7 +230,7 @@ EOF
 )
 if [ "$dry_run" = 1 ]; then
   chosen=""  # the cheap ones on a CPU: full decode and (skipped there) reduced precision
-  for name in speed precision; do
+  for name in speed graphs precision; do
     case ",$sections," in *",$name,"*) chosen=${chosen:+$chosen,}$name ;; esac
   done
   sections=$chosen
@@ -243,7 +243,7 @@ case ",$sections," in
   *) echo "(bench_decoder.py has no CUDA-graph section: CUDA graphs on/off not measured)" \
     | record ;;
 esac
-part "decoder tables (bench_decoder.py: $sections)" 150 \
+part "decoder tables (bench_decoder.py: $sections)" 200 \
   "$py" benchmarks/bench_decoder.py --device "$device" "${decoder_args[@]}" --only "$sections"
 
 # ---- 4. Gateway table ----------------------------------------------------------------
@@ -252,9 +252,9 @@ if [ "$dry_run" = 1 ]; then
 else
   grid_args=(--rates "200,400" --streams "1,4,16,64" --requests-per-stream 2 --cell-timeout 30)
 fi
-part "gateway table (bench_gateway.py --only grid)" 210 \
+part "gateway table (bench_gateway.py --only grid)" 200 \
   "$py" benchmarks/bench_gateway.py --only grid --decoders full --device "$device" \
-  --full-max-streams 0 --full-dir "$work/bicodec-full" --time-budget 190 "${grid_args[@]}"
+  --full-max-streams 0 --full-dir "$work/bicodec-full" --time-budget 180 "${grid_args[@]}"
 
 echo "== done in $SECONDS s; $failures part(s) failed or ran out of time${tables:+; tables: $tables}" \
   >&2

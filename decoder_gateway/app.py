@@ -18,6 +18,7 @@ from .codec import (
     BiCodecDecoder,
     SpeakerEncoder,
     SpeakerEncoderUnavailable,
+    WindowGraphs,
     load_decoder,
     load_speaker_encoder,
     resolve_bicodec_dir,
@@ -82,6 +83,12 @@ async def build_gateway(settings: Settings) -> Gateway:
     decoder = await asyncio.to_thread(
         load_decoder, folder, device, getattr(torch, settings.decoder_dtype)
     )
+    if settings.decoder_batch_tokens is not None:
+        decoder.batch_tokens = settings.decoder_batch_tokens
+    if settings.decoder_cuda_graphs:
+        if device != "cuda":
+            raise RuntimeError("DECODER_CUDA_GRAPHS=true but the decoder runs on the CPU")
+        decoder.graphs = WindowGraphs(decoder)
     encoder, encoder_problem = await asyncio.to_thread(_load_speaker_encoder, folder, device)
     metrics = Metrics()
     llm = LLMClient(

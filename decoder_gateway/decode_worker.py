@@ -3,7 +3,9 @@
 Streams hand in spans and await their audio. A single worker thread owns the
 decoder; while it runs one batch, the spans that arrive meanwhile queue up and go
 together in the next one. That batches concurrent streams without a timer and
-keeps torch off the event loop.
+keeps torch off the event loop. A batch holds what fits the decoder's budget of
+tokens per forward pass (``decoder.batch_tokens``, by device: :mod:`.codec.batching`)
+and at most ``max_batch`` spans.
 
 When there is more work than one batch holds, the most urgent goes first: each job
 carries the moment its listener runs out of audio (now, for a first chunk), so a new
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .codec import BiCodecDecoder, Span
+from .codec.batching import span_cost
 from .errors import DecoderError
 from .metrics import Metrics
 
@@ -38,7 +41,7 @@ class _Job:
 
 class DecodeWorker:
     def __init__(
-        self, decoder: BiCodecDecoder, max_batch: int = 16, metrics: Metrics | None = None
+        self, decoder: BiCodecDecoder, max_batch: int = 64, metrics: Metrics | None = None
     ) -> None:
         self.decoder = decoder
         self.metrics = metrics
@@ -103,15 +106,24 @@ class DecodeWorker:
             if not job.future.done():
                 job.future.set_exception(error)
 
+    def _cost(self, job: _Job) -> int:
+        context = self.decoder.generator_context
+        return sum(span_cost(span, context) for span in job.spans)
+
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
-            size = len(jobs[0].spans)
+            size, cost = len(jobs[0].spans), self._cost(jobs[0])
+            budget = self.decoder.batch_tokens
             while size < self.max_batch and not self._queue.empty():
                 job = self._queue.get_nowait()
+                job_cost = self._cost(job)
+                if budget is not None and cost + job_cost > budget:
+                    self._queue.put_nowait(job)  # its place is kept: (deadline, sequence)
+                    break
                 jobs.append(job)
-                size += len(job.spans)
+                size, cost = size + len(job.spans), cost + job_cost
             jobs = [job for job in jobs if not job.future.cancelled()]
             if not jobs:
                 continue

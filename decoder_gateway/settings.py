@@ -55,9 +55,15 @@ class Settings(BaseSettings):
     hf_token: str | None = None
     decoder_device: Literal["auto", "cuda", "cpu"] = "auto"
     decoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Spans per decoder forward pass. On a CPU with the full-size decoder, 1 is faster
-    # (padding costs more than batching saves there: benchmarks/bench_decoder.py).
-    decoder_max_batch: int = Field(16, ge=1)
+    # A decoder batch: at most this many spans, and at most this many tokens of wave
+    # generator window (unset: the device's fastest in bench_decoder.py, 64 on a CPU,
+    # 4096 on CUDA). Big windows batched thrash a CPU's cache; small ones share it.
+    decoder_max_batch: int = Field(64, ge=1)
+    decoder_batch_tokens: int | None = Field(None, ge=1)
+    # Replay chunk decodes from CUDA graphs (one per bucket of shapes): on a GPU a
+    # chunk's decode is launch-bound. Off until measured on the GPU you run on
+    # (benchmarks/bench_decoder.py --device cuda --only graphs).
+    decoder_cuda_graphs: bool = False
     decoder_threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's")
 
     # Voices: the packaged six, replaced or extended by VOICES_FILE
@@ -162,6 +168,8 @@ class Settings(BaseSettings):
                 f"MAX_SEGMENT_CHARS={self.max_segment_chars} is over "
                 f"MAX_TEXT_CHARS={self.max_text_chars}"
             )
+        if self.decoder_cuda_graphs and self.decoder_device == "cpu":
+            problems.append("DECODER_CUDA_GRAPHS=true needs CUDA, but DECODER_DEVICE=cpu")
         needed = MIN_TOKENS_PER_CHAR * self.max_segment_chars
         if self.max_tokens_limit < needed:
             problems.append(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from decoder_gateway.codec import Span, StreamingSession, load_decoder
+from decoder_gateway.codec.batching import span_cost
 from decoder_gateway.decode_worker import DecodeWorker
 from decoder_gateway.errors import DecoderError
 from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
@@ -71,6 +72,35 @@ async def test_streams_share_batches_and_keep_their_audio(decoder):
         plain = decoder.decode_spans([replace(span, stream=None) for span, _ in decoded])
         for (_, samples), expected in zip(decoded, plain, strict=True):
             assert (samples - expected).abs().max() <= 1e-5
+    finally:
+        await worker.close()
+
+
+async def test_a_batch_holds_what_fits_the_budget(decoder, monkeypatch):
+    """Jobs queued behind a busy worker go in batches of at most the decoder's
+    budget of generator tokens (one job alone when it is bigger)."""
+    batches: list[list[Span]] = []
+    decode = decoder.decode_spans
+
+    def recording(spans):
+        batches.append(list(spans))
+        return decode(spans)
+
+    monkeypatch.setattr(decoder, "decode_spans", recording)
+    monkeypatch.setattr(decoder, "batch_tokens", 40)
+    worker = DecodeWorker(decoder, max_batch=64)
+    worker.start()
+    try:
+        busy = asyncio.create_task(worker.decode([span(decoder, 300, 99)]))
+        await asyncio.sleep(0.05)
+        lengths = (10, 12, 15, 9, 30, 50, 8, 11)
+        queued = [worker.decode([span(decoder, n, i)]) for i, n in enumerate(lengths)]
+        results = await asyncio.gather(busy, *queued)
+        assert [len(audio[0]) for audio in results[1:]] == [320 * n for n in lengths]
+        costs = [[span_cost(s, decoder.generator_context) for s in b] for b in batches[1:]]
+        assert sorted(c for batch in costs for c in batch) == sorted(lengths)
+        assert all(sum(batch) <= 40 or len(batch) == 1 for batch in costs)
+        assert any(len(batch) > 1 for batch in costs)  # small ones still went together
     finally:
         await worker.close()
 

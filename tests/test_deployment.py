@@ -678,7 +678,8 @@ def test_cpu_compose_environment(env):
     services = cpu_compose_with(env)["services"]
     gateway, vllm = services["gateway"]["environment"], services["vllm"]["environment"]
     assert gateway["DECODER_DEVICE"] == "cpu"
-    assert gateway["DECODER_MAX_BATCH"] == "1"
+    # Batches are sized by the device's budget: nothing to override on a CPU.
+    assert gateway["DECODER_MAX_BATCH"] is None and gateway["DECODER_BATCH_TOKENS"] is None
     # The image picks the dtype from the CPU's flags; .env's (GPU) DTYPE does not apply.
     assert vllm["DTYPE"] == ""
     assert vllm["VLLM_CPU_KVCACHE_SPACE"] == "2"
@@ -689,7 +690,7 @@ def test_cpu_compose_environment(env):
     changed = {
         "vllm": {"DTYPE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
                  "VLLM_CPU_NUM_OF_RESERVED_CPU"},
-        "gateway": {"DECODER_DEVICE", "DECODER_MAX_BATCH"},
+        "gateway": {"DECODER_DEVICE"},
     }  # fmt: skip
     for name, keys in changed.items():
         cpu_rest = {k: v for k, v in services[name]["environment"].items() if k not in keys}
@@ -703,14 +704,13 @@ def test_cpu_compose_environment(env):
 def test_cpu_compose_settings_can_be_set():
     env = {"VLLM_CPU_DTYPE": "float32", "VLLM_CPU_KVCACHE_SPACE": "8",
            "VLLM_CPU_OMP_THREADS_BIND": "0-5", "VLLM_CPU_NUM_OF_RESERVED_CPU": "2",
-           "DECODER_MAX_BATCH": "4", "DECODER_THREADS": "2"}  # fmt: skip
+           "DECODER_THREADS": "2"}  # fmt: skip
     services = cpu_compose_with(env)["services"]
     vllm, gateway = services["vllm"]["environment"], services["gateway"]["environment"]
     assert vllm["DTYPE"] == "float32"
     assert vllm["VLLM_CPU_KVCACHE_SPACE"] == "8"
     assert vllm["VLLM_CPU_OMP_THREADS_BIND"] == "0-5"
     assert vllm["VLLM_CPU_NUM_OF_RESERVED_CPU"] is None  # passed through from the shell / .env
-    assert gateway["DECODER_MAX_BATCH"] == "4"
     assert gateway["DECODER_THREADS"] is None
 
 

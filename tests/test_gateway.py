@@ -85,6 +85,9 @@ def test_server_info(gateway):
 def test_health_ok(gateway, llm):
     response = requests.get(f"{gateway.url}/health", timeout=10)
     assert response.status_code == 200 and response.json()["status"] == "ok"
+    health = response.json()  # how the decoder runs, for an operator
+    assert health["decoder_device"] == "cpu" and health["decoder_dtype"] == "float32"
+    assert health["decoder_batch_tokens"] == 64 and health["decoder_cuda_graphs"] is False
 
 
 # -- streaming over HTTP -------------------------------------------------------

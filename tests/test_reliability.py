@@ -353,6 +353,10 @@ def test_the_default_max_tokens_follows_the_limit(make_gateway, llm):
         ({"MAX_SEGMENT_CHARS": "5000"}, ["MAX_SEGMENT_CHARS"]),
         ({"MAX_REQUEST_BODY_BYTES": "4096"}, ["MAX_REQUEST_BODY_BYTES", "MAX_TEXT_CHARS"]),
         ({"SLOW_CLIENT_TIMEOUT_S": "0.5"}, ["SLOW_CLIENT_TIMEOUT_S"]),
+        (
+            {"DECODER_CUDA_GRAPHS": "true", "DECODER_DEVICE": "cpu"},
+            ["DECODER_CUDA_GRAPHS", "DECODER_DEVICE"],
+        ),
     ],
 )
 def test_contradicting_settings_stop_the_start_with_a_message_naming_them(env, names):

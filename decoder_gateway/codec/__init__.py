@@ -2,6 +2,7 @@
 
 from .bicodec import BiCodecDecoder
 from .config import BiCodecConfig
+from .graphs import WindowGraphs
 from .loading import (
     CheckpointError,
     LoadReport,
@@ -31,6 +32,7 @@ __all__ = [
     "SpeakerEncoderUnavailable",
     "StreamingConfig",
     "StreamingSession",
+    "WindowGraphs",
     "checkpoint_layout",
     "decode_spans",
     "load_decoder",

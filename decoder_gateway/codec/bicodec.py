@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +31,9 @@ from .layers import (
     apply_mask,
 )
 from .spans import Span, decode_spans
+
+if TYPE_CHECKING:
+    from .graphs import WindowGraphs
 
 TokenInput = Sequence[int] | np.ndarray | Tensor
 
@@ -177,6 +182,11 @@ class BiCodecDecoder(nn.Module):
         self.prenet_context = prenet_context_tokens(config)
         self.generator_context = generator_context_tokens(config)
         self._streaming_stages: list[Stage] | None = None
+        # Tokens of generator window per forward pass (:mod:`.batching`); None: one
+        # pass for everything. load_decoder sets the device's default.
+        self.batch_tokens: int | None = None
+        # Window decodes replayed from CUDA graphs (:mod:`.graphs`); None: eager.
+        self.graphs: WindowGraphs | None = None
 
     # -- facts --------------------------------------------------------------------
     @property
@@ -225,7 +235,14 @@ class BiCodecDecoder(nn.Module):
 
         ``mask`` (B, 1, T) marks the tokens of each window in a right-padded batch.
         """
-        d_vector = self.speaker_encoder(global_tokens)  # (B, D)
+        return self.prenet_features(semantic, self.speaker_d_vector(global_tokens), mask)
+
+    def speaker_d_vector(self, global_tokens: Tensor) -> Tensor:
+        """(B, 32) global ids -> the speaker d-vector (B, D) that conditions the decode."""
+        return self.speaker_encoder(global_tokens)
+
+    def prenet_features(self, semantic: Tensor, d_vector: Tensor, mask: Tensor | None) -> Tensor:
+        """:meth:`features` from the speaker d-vector (B, D) rather than its tokens."""
         features = self.prenet(self.quantizer(semantic), d_vector, mask)  # (B, D, T)
         return features + d_vector.unsqueeze(-1)
 
@@ -250,17 +267,21 @@ class BiCodecDecoder(nn.Module):
         for semantic, global_tokens in items:
             ids = self.check_semantic(semantic)
             spans.append(Span(ids, self.check_global(global_tokens), 0, ids.numel()))
-        return decode_spans(self, spans)
+        return self.decode_spans(spans)
 
     def decode_spans(self, spans: Sequence[Span]) -> list[Tensor]:
-        """Audio of each span (float32, on the CPU), in one batch: see :mod:`.spans`.
+        """Audio of each span (float32, on the CPU), batched: see :mod:`.spans`.
 
         Spans of streaming sessions reuse their stream's settled state
-        (:mod:`.incremental`); the audio is the same.
+        (:mod:`.incremental`); the audio is the same. With CUDA graphs every span is
+        a window decode replayed from a graph: on a GPU launches, not arithmetic,
+        bound a chunk, and the stream state's many small steps would add launches.
         """
+        if self.graphs is not None:
+            return self.graphs.decode([replace(span, stream=None) for span in spans])
         if any(span.stream is not None for span in spans):
             return decode_streamed(self, spans)
-        return decode_spans(self, spans)
+        return decode_spans(self, spans, self.batch_tokens)
 
 
 def _as_ids(values: TokenInput, what: str) -> Tensor:

@@ -510,7 +510,9 @@ def decode_streamed(model: BiCodecDecoder, spans: Sequence[Span]) -> list[Tensor
 
     if plain:
         plain.sort()
-        audio = decode_spans(model, [replace(spans[i], stream=None) for i in plain])
+        audio = decode_spans(
+            model, [replace(spans[i], stream=None) for i in plain], model.batch_tokens
+        )
         for i, samples in zip(plain, audio, strict=True):
             results[i] = samples
     for key, state in working.items():  # commit only once every span has decoded

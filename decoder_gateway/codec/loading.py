@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .batching import default_batch_tokens
 from .bicodec import BiCodecDecoder
 from .config import BiCodecConfig
 from .layers import WEIGHT_NORMED
@@ -87,16 +88,18 @@ def load_decoder(
 ) -> BiCodecDecoder:
     """Build the decoder from ``path/config.yaml`` and load ``path/model.safetensors``.
 
-    ``dtype`` other than float32 is meant for CUDA (bfloat16 / float16). The returned
+    ``dtype``: float32, or bfloat16 / float16 (faster, about 40 dB from float32:
+    docs/performance.md) on CUDA or a CPU that computes in it natively. The returned
     model is in eval mode with weight norm folded; ``model.load_report`` tells what
     was loaded and skipped.
     """
     started = time.perf_counter()
     config_path, weights_path = checkpoint_files(path)
     device = torch.device(device)
-    if dtype != torch.float32 and device.type == "cpu":
+    if dtype != torch.float32 and device.type == "cpu" and not cpu_computes_in(dtype):
         logger.warning(
-            "decoding in %s on the CPU is slow and less exact; float32 is advised", dtype
+            "this CPU has no native %s arithmetic, so decoding in it is slow; float32 is advised",
+            dtype,
         )
 
     # Built on the meta device: no time spent on random init of 96 M parameters.
@@ -105,6 +108,7 @@ def load_decoder(
     state, report = _read_decode_state(weights_path, model)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.batch_tokens = default_batch_tokens(device)
     report.seconds = time.perf_counter() - started
     model.load_report = report
     logger.info(
@@ -116,6 +120,18 @@ def load_decoder(
         report.skipped_summary(),
     )
     return model
+
+
+def cpu_computes_in(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native ``dtype`` arithmetic for torch's convolutions."""
+    checks = {
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,  # AVX-512 BF16 or AMX
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,  # AVX-512 FP16 or AMX
+    }
+    try:
+        return dtype == torch.float32 or bool(checks[dtype]())
+    except (KeyError, RuntimeError, AttributeError):
+        return False
 
 
 def _read_decode_state(

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from .batching import span_cost, split_batches
+
 if TYPE_CHECKING:
     from .incremental import DecodeStream
 
@@ -71,21 +73,30 @@ class SpanModel(Protocol):
 
 
 @torch.inference_mode()
-def decode_spans(model: SpanModel, spans: Sequence[Span]) -> list[Tensor]:
-    """Decode a batch of spans; each result is float32 (hop * (end - start),) on the CPU."""
+def decode_spans(
+    model: SpanModel, spans: Sequence[Span], batch_tokens: int | None = None
+) -> list[Tensor]:
+    """Decode spans; each result is float32 (hop * (end - start),) on the CPU.
+
+    ``batch_tokens``: the most tokens of generator window in one forward pass (see
+    :mod:`.batching`); None: all spans in one pass.
+    """
+    if batch_tokens is None or len(spans) < 2:
+        return _decode_batch(model, spans)
+    costs = [span_cost(span, model.generator_context) for span in spans]
+    results: list[Tensor | None] = [None] * len(spans)
+    for batch in split_batches(costs, batch_tokens):
+        for i, audio in zip(batch, _decode_batch(model, [spans[i] for i in batch]), strict=True):
+            results[i] = audio
+    return results  # type: ignore[return-value]
+
+
+def _decode_batch(model: SpanModel, spans: Sequence[Span]) -> list[Tensor]:
+    """The spans in one forward pass, padded to the longest window."""
     if not spans:
         return []
-    hop, gen_ctx, full_ctx = model.hop_length, model.generator_context, model.receptive_field
-    # Token windows [a, b) of each span's sequence: wide for the prenet, narrow for
-    # the wave generator, both clipped to the sequence.
-    prenet_windows, gen_windows = [], []
-    for span in spans:
-        length = span.semantic.numel()
-        if not 0 <= span.start < span.end <= length:
-            raise ValueError(f"span [{span.start}, {span.end}) outside 0..{length}")
-        prenet_windows.append((max(0, span.start - full_ctx), min(length, span.end + full_ctx)))
-        gen_windows.append((max(0, span.start - gen_ctx), min(length, span.end + gen_ctx)))
-
+    hop = model.hop_length
+    prenet_windows, gen_windows = token_windows(model, spans)
     semantic, prenet_mask = pad_batch(
         [span.semantic[a:b] for span, (a, b) in zip(spans, prenet_windows, strict=True)],
         model.device,
@@ -108,6 +119,23 @@ def decode_spans(model: SpanModel, spans: Sequence[Span]) -> list[Tensor]:
         audio[i, (span.start - ga) * hop : (span.end - ga) * hop]
         for i, (span, (ga, _)) in enumerate(zip(spans, gen_windows, strict=True))
     ]
+
+
+Window = tuple[int, int]  # tokens [a, b) of a span's sequence
+
+
+def token_windows(model: SpanModel, spans: Sequence[Span]) -> tuple[list[Window], list[Window]]:
+    """The tokens each span's decode reads: wide for the prenet, narrow for the wave
+    generator, both clipped to the sequence (whose ends are zero padding there too)."""
+    gen_ctx, full_ctx = model.generator_context, model.receptive_field
+    prenet_windows, gen_windows = [], []
+    for span in spans:
+        length = span.semantic.numel()
+        if not 0 <= span.start < span.end <= length:
+            raise ValueError(f"span [{span.start}, {span.end}) outside 0..{length}")
+        prenet_windows.append((max(0, span.start - full_ctx), min(length, span.end + full_ctx)))
+        gen_windows.append((max(0, span.start - gen_ctx), min(length, span.end + gen_ctx)))
+    return prenet_windows, gen_windows
 
 
 def pad_batch(

@@ -40,10 +40,16 @@ async def health(request: Request) -> JSONResponse:
             reason = err.message
     if reason is not None:
         return JSONResponse({"status": "unavailable", "reason": reason}, 503)
+    decoder = gateway.decoder
+    graphs = decoder.graphs
     return JSONResponse(
         {
             "status": "ok",
-            "decoder_device": str(gateway.decoder.device),
+            "decoder_device": str(decoder.device),
+            "decoder_dtype": str(decoder.dtype).removeprefix("torch."),
+            "decoder_batch_tokens": decoder.batch_tokens,
+            # False also when a capture failed (the decoder then runs eagerly).
+            "decoder_cuda_graphs": graphs is not None and graphs.failure is None,
             "model": gateway.llm.model,
             "cloning": gateway.voices.cloning,
         }

@@ -1,0 +1,65 @@
+"""Which spans share a forward pass: batches bounded by the work they hold, not a count.
+
+Every forward pass reads all the decoder's weights (about 600 MB as released), so a
+small window is bound by that read and batching small windows shares it. A large
+batch, though, has activations that no longer fit the cache: on a CPU, one batch of
+16 one-second windows ran at 0.5-0.7x the speed of the same windows one by one.
+The measure of a batch is therefore the tokens its wave generator runs over
+(``len(batch) * longest window``, padding included), and a batch holds as many spans
+as fit a budget for the device. ``benchmarks/bench_decoder.py --only batch`` prints
+the speed of each budget against one by one; the defaults are its fastest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .spans import Span
+
+# Tokens of wave-generator window per forward pass. CPU: measured on a 2-core AVX-512
+# host (bench_decoder.py --only batch): 64 was the fastest budget for windows of 4-64
+# tokens (16 windows of 4 tokens: 3.6x one by one; of 32: 1.2x; of 64: 1.0x). CUDA:
+# batching pays for as long as the batch fits; 4096 tokens is 64 streams' chunks.
+CPU_BATCH_TOKENS = 64
+CUDA_BATCH_TOKENS = 4096
+
+
+def default_batch_tokens(device: torch.device | str) -> int:
+    """The batch budget (tokens of generator window per pass) for ``device``."""
+    return CUDA_BATCH_TOKENS if torch.device(device).type == "cuda" else CPU_BATCH_TOKENS
+
+
+def span_cost(span: Span, generator_context: int) -> int:
+    """Tokens of wave-generator window that decoding ``span`` runs over.
+
+    A plain span runs its whole window. A stream's span runs about its own tokens:
+    its settled state covers the context before, and the provisional tail after
+    is short (8 streams of 5-token chunks batched ran fastest together on the CPU).
+    """
+    if span.stream is not None:
+        return span.end - span.start
+    length = span.semantic.numel()
+    return min(length, span.end + generator_context) - max(0, span.start - generator_context)
+
+
+def split_batches(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``costs`` grouped into batches of padded cost within ``budget``.
+
+    Sorted by cost first, so that windows of like length share a batch (a batch is
+    padded to its longest). A window over the budget goes alone.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(costs)), key=lambda i: costs[i]):
+        # Sorted: the newcomer is the longest, so the padded cost is count x its cost.
+        if current and (len(current) + 1) * costs[index] > budget:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
