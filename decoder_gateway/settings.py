@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     decoder_device: Literal["auto", "cuda", "cpu"] = "auto"
     decoder_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # A decoder batch: at most this many spans, and at most this many tokens of wave
-    # generator window (unset: the device's fastest in bench_decoder.py, 64 on a CPU,
-    # 4096 on CUDA). Big windows batched thrash a CPU's cache; small ones share it.
+    # generator window (unset: the device's fastest in bench_decoder.py, 64 on a CPU and
+    # 4096 on CUDA for the released decoder, more for a narrower one). Big windows
+    # batched thrash a CPU's cache; small ones share it.
     decoder_max_batch: int = Field(64, ge=1)
     decoder_batch_tokens: int | None = Field(None, ge=1)
     # Replay chunk decodes from CUDA graphs (one per bucket of shapes): on a GPU a

@@ -24,8 +24,7 @@ from decoder_gateway.codec import (
     resolve_bicodec_dir,
 )
 from decoder_gateway.codec.batching import (
-    CPU_BATCH_TOKENS,
-    CUDA_BATCH_TOKENS,
+    RELEASED_ACTIVATION_PER_TOKEN,
     default_batch_tokens,
     span_cost,
     split_batches,
@@ -317,8 +316,14 @@ def test_budgeted_passes_give_the_audio_of_one_pass(decoder, cases):
 
 
 def test_load_sets_the_devices_batch_budget(decoder):
-    assert decoder.batch_tokens == default_batch_tokens("cpu") == CPU_BATCH_TOKENS
-    assert default_batch_tokens("cuda") == CUDA_BATCH_TOKENS > CPU_BATCH_TOKENS
+    """64 tokens of the released decoder on a CPU, 4096 on CUDA; a narrower decoder
+    (the golden one: 8 x 320 elements per token) batches proportionally more."""
+    released = BiCodecDecoder(BiCodecConfig.from_yaml(DATA / "real_config.yaml"))
+    assert released.activation_per_token == RELEASED_ACTIVATION_PER_TOKEN == 96 * 320
+    assert default_batch_tokens("cpu", released.activation_per_token) == 64
+    assert default_batch_tokens("cuda", released.activation_per_token) == 4096
+    assert decoder.activation_per_token == 16 * 160  # 16 x 160 = 8 x 320
+    assert decoder.batch_tokens == default_batch_tokens("cpu", 16 * 160) == 64 * 12
 
 
 # -- dtypes --------------------------------------------------------------------

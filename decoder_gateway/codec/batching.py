@@ -7,7 +7,8 @@ batch, though, has activations that no longer fit the cache: on a CPU, one batch
 The measure of a batch is therefore the tokens its wave generator runs over
 (``len(batch) * longest window``, padding included), and a batch holds as many spans
 as fit a budget for the device. ``benchmarks/bench_decoder.py --only batch`` prints
-the speed of each budget against one by one; the defaults are its fastest.
+the speed of each budget against one by one; the defaults are its fastest (64
+tokens of the released decoder on a CPU).
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ import torch
 if TYPE_CHECKING:
     from .spans import Span
 
-# Tokens of wave-generator window per forward pass. CPU: measured on a 2-core AVX-512
-# host (bench_decoder.py --only batch): 64 was the fastest budget for windows of 4-64
-# tokens (16 windows of 4 tokens: 3.6x one by one; of 32: 1.2x; of 64: 1.0x). CUDA:
-# batching pays for as long as the batch fits; 4096 tokens is 64 streams' chunks.
-CPU_BATCH_TOKENS = 64
-CUDA_BATCH_TOKENS = 4096
+# What a pass may hold, in elements of the generator's widest activation (channels x
+# samples per token: 96 x 320 = 30720 as released), so that a narrower decoder batches
+# proportionally more tokens. CPU: 64 tokens of the released decoder, the fastest
+# budget on a 2-core AVX-512 host (bench_decoder.py --only batch; 16 windows of 4
+# tokens: 3.6x one by one; of 32: 1.2x; of 64: 1.0x). CUDA: batching pays for as long
+# as the batch fits; 4096 tokens of the released decoder is 64 streams' chunks.
+RELEASED_ACTIVATION_PER_TOKEN = 96 * 320
+CPU_BATCH_ELEMENTS = 64 * RELEASED_ACTIVATION_PER_TOKEN
+CUDA_BATCH_ELEMENTS = 4096 * RELEASED_ACTIVATION_PER_TOKEN
 
 
-def default_batch_tokens(device: torch.device | str) -> int:
-    """The batch budget (tokens of generator window per pass) for ``device``."""
-    return CUDA_BATCH_TOKENS if torch.device(device).type == "cuda" else CPU_BATCH_TOKENS
+def default_batch_tokens(device: torch.device | str, activation_per_token: int) -> int:
+    """The batch budget (tokens of generator window per pass) for ``device`` and a
+    decoder whose widest generator activation has ``activation_per_token`` elements."""
+    elements = CUDA_BATCH_ELEMENTS if torch.device(device).type == "cuda" else CPU_BATCH_ELEMENTS
+    return max(1, elements // activation_per_token)
 
 
 def span_cost(span: Span, generator_context: int) -> int:

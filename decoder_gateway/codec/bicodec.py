@@ -204,6 +204,17 @@ class BiCodecDecoder(nn.Module):
         return self.prenet_context + self.generator_context
 
     @property
+    def activation_per_token(self) -> int:
+        """Elements per token of the wave generator's widest activation (channels x
+        samples per token; 96 x 320 = 30720 as released): what a batch fills memory with."""
+        gen = self.config.generator
+        widest, width, samples = gen.channels, gen.channels, 1
+        for rate in gen.rates:
+            width, samples = width // 2, samples * rate
+            widest = max(widest, width * samples)
+        return widest
+
+    @property
     def device(self) -> torch.device:
         return self.quantizer.codebook.weight.device
 

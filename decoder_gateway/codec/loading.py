@@ -108,7 +108,7 @@ def load_decoder(
     state, report = _read_decode_state(weights_path, model)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.batch_tokens = default_batch_tokens(device)
+    model.batch_tokens = default_batch_tokens(device, model.activation_per_token)
     report.seconds = time.perf_counter() - started
     model.load_report = report
     logger.info(
