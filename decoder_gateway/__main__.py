@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from .app import create_app
 from .logs import configure
+from .serving.admission import StreamSlots
 from .serving.voices import check_voice_aliases
 from .settings import Settings, SettingsConflict
 from .voice_library import VoiceLibrary
@@ -70,13 +71,16 @@ def _is_websocket(connection: object) -> bool:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server whose shutdown lets running syntheses finish, WebSockets included.
 
-    ``busy()`` says whether a synthesis runs in the process; the grace period is the
-    config's ``timeout_graceful_shutdown`` (None: no limit).
+    ``busy()`` says whether a synthesis runs in the process; ``drain()`` makes new
+    ones refused (a WebSocket session may ask for one while the others finish); the
+    grace period is the config's ``timeout_graceful_shutdown`` (None: no limit).
     """
 
-    def __init__(self, config: uvicorn.Config, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, busy: Callable[[], bool], drain: Callable[[], None]
+    ) -> None:
         super().__init__(config)
-        self.busy = busy
+        self.busy, self.drain = busy, drain
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -87,6 +91,7 @@ class DrainingServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
+        self.drain()
         state = self.server_state
         asked: set[object] = set()  # connections told to close once done
         while (state.connections or state.tasks) and not self.force_exit:
@@ -121,12 +126,26 @@ class DrainingServer(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
+def _slots(app: FastAPI) -> StreamSlots | None:
+    gateway = getattr(app.state, "gateway", None)  # None until the start-up has loaded it
+    return None if gateway is None else gateway.speech.slots
+
+
 def _busy(app: FastAPI) -> Callable[[], bool]:
     def busy() -> bool:
-        gateway = getattr(app.state, "gateway", None)
-        return gateway is not None and gateway.speech.slots.active > 0
+        slots = _slots(app)
+        return slots is not None and slots.active > 0
 
     return busy
+
+
+def _drain(app: FastAPI) -> Callable[[], None]:
+    def drain() -> None:
+        slots = _slots(app)
+        if slots is not None:
+            slots.draining = True
+
+    return drain
 
 
 def _drained(signum: int, frame: FrameType | None) -> None:
@@ -151,7 +170,7 @@ def main() -> None:
         ws_ping_timeout=settings.ws_ping_timeout_s,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    server = DrainingServer(config, _busy(app))
+    server = DrainingServer(config, _busy(app), _drain(app))
     # uvicorn raises the signal it stopped for again once it has shut down, with the
     # handler it found: the default one would end a drained process with "killed by
     # SIGTERM" (143) instead of 0.

@@ -76,6 +76,13 @@ class Overloaded(GatewayError):
     status, code = 429, "too_many_streams"
 
 
+class ShuttingDown(GatewayError):
+    """The gateway is draining for a shutdown: running syntheses finish, new ones go
+    elsewhere (so that a WebSocket session cannot keep a draining pod alive)."""
+
+    status, code = 503, "shutting_down"
+
+
 class RequestTooLarge(InvalidRequest):
     """The HTTP body is over MAX_REQUEST_BODY_BYTES."""
 

@@ -158,6 +158,34 @@ async def test_sigterm_lets_a_running_websocket_synthesis_finish(make_gateway, l
     assert time.monotonic() - signalled < grace_s
 
 
+async def test_a_synthesis_asked_for_while_draining_is_refused(make_gateway, llm):
+    """A WebSocket session that asks for a new synthesis while the gateway drains gets
+    an explicit error frame, and does not keep the process alive: it exits once the
+    synthesis that was running has ended, not at the grace limit."""
+    grace_s = 30.0
+    gateway = make_gateway(SHUTDOWN_GRACE_S=str(grace_s))
+    llm.control(tokens_per_s=80, tokens_per_segment=TOKENS)  # 3 s to write
+    url = f"{gateway.ws_url}/v1/audio/speech/stream/ws"
+    async with websockets.connect(url) as busy, websockets.connect(url) as late:
+        await busy.send(json.dumps({"input": TEXT, "segment_id": 1, "continue": True}))
+        first = json.loads(await asyncio.wait_for(busy.recv(), timeout=30))
+        assert first["type"] == "start"
+        gateway.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_refused, gateway.port)
+        await late.send(json.dumps({"input": TEXT, "segment_id": 7, "continue": True}))
+        refusal = json.loads(await asyncio.wait_for(late.recv(), timeout=10))
+        assert refusal["type"] == "error" and refusal["code"] == "shutting_down"
+        assert refusal["segment_id"] == 7
+        frames, audio = await _receive_until_end(busy)
+        ended = time.monotonic()
+        assert frames[-1]["type"] == "end" and len(audio) == TOKENS * BYTES_PER_TOKEN
+        _, late_code = await _closed_at(late)
+        assert late_code == 1012
+    code = await asyncio.to_thread(exit_code, gateway.process, grace_s)
+    assert code == 0
+    assert time.monotonic() - ended < 5.0, "the draining process waited for the grace limit"
+
+
 def test_a_stream_longer_than_the_grace_period_is_cut_when_it_ends(make_gateway, llm):
     grace_s = 2.0
     gateway = make_gateway(SHUTDOWN_GRACE_S=str(grace_s))

@@ -13,7 +13,7 @@ import logging
 import time
 from types import TracebackType
 
-from ..errors import ClientGone, GatewayError, Overloaded, SlowClient
+from ..errors import ClientGone, GatewayError, Overloaded, ShuttingDown, SlowClient
 from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,11 @@ class StreamSlots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.draining = False  # set once at shutdown: nothing new starts
 
     def acquire(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
         if self.active >= self.limit:
             raise Overloaded(f"the server is at its limit of {self.limit} concurrent streams")
         self.active += 1
@@ -89,7 +92,7 @@ class Admission:
     async def __aenter__(self) -> Admission:
         try:
             self.slots.acquire()
-        except Overloaded:
+        except (Overloaded, ShuttingDown):
             self.metrics.requests.labels(self.endpoint, REJECTED).inc()
             raise
         self._entered = True
