@@ -15,8 +15,10 @@ test voice ``decoder_fault``, with the golden-small BiCodec decoder,
 server on the tiny Spark-format model instead (about 60 s to start; LLM restarts
 and outages are then off unless asked for, as each one costs another start).
 
-For ``--duration`` seconds, ``--clients`` clients (half WebSocket, half HTTP) loop
-over requests with short random texts and voices (seeded), while fault clients
+For ``--duration`` seconds, ``--clients`` clients (a quarter voice agents writing
+their text in fragments over the streaming-text WebSocket; of the rest, half on the
+WebSocket, half HTTP) loop over requests with short random texts and voices
+(seeded), while fault clients
 and LLM faults are injected on a seeded schedule (``benchmarks/load_fault/``):
 
 * a client that disconnects mid-stream (HTTP, WS: a close frame, or a dropped TCP

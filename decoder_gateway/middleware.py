@@ -3,18 +3,29 @@ body, and WebSocket handshakes only from allowed origins."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .routes.errors import error_response
+
+# A refused body is read and dropped, up to this much and this long, before the 413
+# goes out and the connection closes: a client still writing its body when the server
+# closes gets a connection reset instead of the answer (most clients write the whole
+# body before they read). Past these bounds the answer goes at once, reset or not.
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+DRAIN_MAX_S = 5.0
 
 
 class BodySizeLimit:
     """413 for an HTTP body over ``max_bytes``, before any of it is parsed.
 
-    A declared ``Content-Length`` over the limit is refused at once; a chunked body is
-    read (at most the limit, never all of it) and refused when it passes the limit. An
-    accepted body is replayed to the app, so a route still sees the whole stream of
-    ASGI messages (and the client's disconnect after it).
+    A body over the limit is refused without being parsed: a declared
+    ``Content-Length`` at once, a chunked body as soon as the bytes read pass the
+    limit. Its rest is read and dropped first when that is cheap (see
+    :data:`DRAIN_MAX_BYTES`), so that the client can read the answer. An accepted body
+    is replayed to the app, so a route still sees the whole stream of ASGI messages
+    (and the client's disconnect after it).
     """
 
     def __init__(
@@ -31,6 +42,8 @@ class BodySizeLimit:
         limit = self.per_path.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            if declared <= DRAIN_MAX_BYTES:
+                await _drain(receive)
             await self._refuse(scope, receive, send, f"{declared} bytes", limit)
             return
         body = bytearray()
@@ -41,6 +54,8 @@ class BodySizeLimit:
                 break
             body += message.get("body", b"")
             if len(body) > limit:
+                if message.get("more_body", False):
+                    await _drain(receive)
                 await self._refuse(scope, receive, send, f"over {limit} bytes", limit)
                 return
             if not message.get("more_body", False):
@@ -60,9 +75,23 @@ class BodySizeLimit:
             f"the request body ({size}) is over the limit of {limit} bytes",
             "request_too_large",
         )
-        # The rest of the body is not read: close the connection rather than drain it.
+        # What is left of the body is not read: the connection closes after the answer.
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a request body, within the drain bounds."""
+    dropped = 0
+    try:
+        async with asyncio.timeout(DRAIN_MAX_S):
+            while dropped <= DRAIN_MAX_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
+    except TimeoutError:
+        return
 
 
 def _content_length(scope: Scope) -> int | None:

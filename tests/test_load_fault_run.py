@@ -59,6 +59,7 @@ def test_short_load_fault_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert report["upstream_running_after"] == 0, output
     assert report["slots_held_after"] == 0, output
     assert report["gateway_alive"], output
+    assert report["gateway_log"]["unhandled_exceptions"] == 0, output
     assert done.returncode == 0, output
 
     expected = {*script.CLIENT_FAULTS, *script.INBAND_FAULTS, *script.LLM_FAULTS}
@@ -71,6 +72,9 @@ def test_short_load_fault_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert outcomes["explicit_error"] > 0
     assert outcomes["abandoned"] > 0
     assert report["by_client"]["normal"]["completed"] > 0
+    # Every kind of normal client got audio: HTTP, WebSocket, and streaming text in.
+    for transport in ("http", "ws", "textin"):
+        assert report["normal_by_transport"][transport]["completed"] > 0, transport
     assert report["audio_seconds_completed"] > 0
     # Every malformed or oversized message got an explicit error, and WS connections
     # that got an error frame still served the next request.

@@ -426,6 +426,23 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(gateway):
     assert response.json()["error"]["code"] == "request_too_large"
 
 
+@pytest.mark.parametrize("size", [2 * 1024 * 1024, 6 * 1024 * 1024])
+def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(gateway, size):
+    """A client that writes all of a declared body before reading (as most do) gets the
+    413, not a connection reset: the gateway reads (and drops) a body of a few MB before
+    it answers and closes."""
+    for _ in range(3):
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        body = b'{"text": "' + b"word " * ((size - 12) // 5) + b'"}'
+        connection.request(
+            "POST", "/v1/audio/speech/stream", body, {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"]["code"] == "request_too_large"
+        connection.close()
+
+
 # -- 10. inputs that used to crash ------------------------------------------------
 
 

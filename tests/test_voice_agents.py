@@ -123,6 +123,33 @@ def test_a_sentence_is_spoken_before_the_utterance_ends(gateway, llm):
     assert texts == ["Nzuri sana."]
 
 
+def test_text_after_a_failed_utterance_is_dropped_and_the_session_goes_on(gateway, llm):
+    """The LLM fails an utterance's first sentence while its client is still writing it:
+    the client gets the error and session.done; the rest of that utterance's text, up to
+    its input.done, is dropped (no second session.done), and the next one speaks."""
+    llm.control(error_after_tokens=3, fault_match="Habari")
+    with ws_connect(f"{gateway.ws_url}{PATH}") as ws:
+        config(ws, voice="swahili_male", response_format="pcm", stream_audio=True)
+        send_text(ws, "Habari yako? Nzu")  # the first sentence is released
+        frames, _ = collect(ws)
+        assert [f["type"] for f in frames if f["type"] != "audio.start"][-3:] == [
+            "audio.done",
+            "error",
+            "session.done",
+        ]
+        assert frames[-1]["utterance_index"] == 0
+        send_text(ws, "ri sana. Asante kwa ")  # still utterance 0 for the client
+        send_text(ws, "kuuliza.")
+        done(ws)
+        send_text(ws, "Tuonane kesho.")
+        done(ws)
+        frames, binary = collect(ws)
+    assert [f["type"] for f in frames] == ["audio.start", "audio.done", "session.done"]
+    assert frames[0]["sentence_text"] == "Tuonane kesho."
+    assert frames[-1] == {"type": "session.done", "utterance_index": 1, "total_sentences": 1}
+    assert sum(map(len, binary)) == sentence_bytes("Tuonane kesho.")
+
+
 def test_wav_sentences_are_whole_wav_files_and_utterances_follow_each_other(gateway, llm):
     with ws_connect(f"{gateway.ws_url}{PATH}") as ws:
         config(ws, voice="acholi_female")  # vLLM-Omni's defaults: wav, whole sentences

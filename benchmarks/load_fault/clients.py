@@ -37,6 +37,7 @@ VLLM_SEMANTIC_LENGTH = 60
 HTTP_PATH = "/v1/audio/speech/stream"
 OPENAI_PATH = "/v1/audio/speech"
 WS_PATH = "/v1/audio/speech/stream/ws"
+TEXT_IN_PATH = "/v1/audio/speech/stream"  # the streaming-text WebSocket (voice agents)
 # The gateway's defaults (the run leaves them as they are, SEGMENT_LOOKAHEAD set explicitly).
 SEGMENT_LOOKAHEAD: int = gateway_default("segment_lookahead")  # upstream streams per request
 MAX_TEXT_CHARS: int = gateway_default("max_text_chars")
@@ -89,8 +90,8 @@ class RunSettings:
 class Request:
     """One request a client started, and what became of it."""
 
-    client: str  # "http-0", "ws-3", "fault-12"
-    transport: str  # "http" | "ws"
+    client: str  # "http-0", "ws-3", "textin-1", "fault-12"
+    transport: str  # "http" | "ws" | "textin" (one utterance of a streaming-text session)
     kind: str  # "normal", a fault kind, or "<fault kind>/follow-up"
     started: float
     expected_bytes: int | None = None
@@ -344,6 +345,7 @@ class Clients:
         self.url = url
         self.http_url = f"{url}{HTTP_PATH}"
         self.ws_url = f"{ws_url}{WS_PATH}"
+        self.text_in_url = f"{ws_url}{TEXT_IN_PATH}"
         self.port = port
         self.llm_kind = llm_kind
         self.rec = Recorder()
@@ -448,12 +450,13 @@ class Clients:
     # ---- WebSocket ----------------------------------------------------------------
 
     async def ws_connect(
-        self, request: Request | None = None, origin: str | None = None
+        self, request: Request | None = None, origin: str | None = None, url: str | None = None
     ) -> ClientConnection | None:
-        """A connection, or None (and the request's error) when it is refused."""
+        """A connection (to the seed WebSocket unless ``url``), or None (and the
+        request's error) when it is refused."""
         try:
             return await connect(
-                self.ws_url,
+                url or self.ws_url,
                 max_size=None,
                 open_timeout=10,
                 close_timeout=2,
@@ -558,6 +561,69 @@ class Clients:
             "segment_id": f"s{next(self.segment_ids)}",
         }
 
+    # ---- streaming text in ------------------------------------------------------------
+
+    async def text_in_request(
+        self, ws: ClientConnection, request: Request, text: str, texts: Texts
+    ) -> bool:
+        """One utterance over the streaming-text WebSocket, sent in random fragments
+        (parts of words too); True when the session is still usable."""
+        try:
+            return await asyncio.wait_for(
+                self._text_in_once(ws, request, text, texts), self.s.request_timeout_s
+            )
+        except TimeoutError:
+            state = f"{request.received} audio bytes" if request.received else "no audio"
+            request.end(LOST, f"no session.done after {self.s.request_timeout_s:g} s ({state})")
+            return False
+        except Exception as err:
+            request.end(LOST, f"client failure {type(err).__name__}: {err}")
+            return False
+
+    async def _text_in_once(
+        self, ws: ClientConnection, request: Request, text: str, texts: Texts
+    ) -> bool:
+        config = {"type": "session.config", "response_format": "pcm", "stream_audio": True}
+        try:
+            await ws.send(json.dumps({**config, **texts.voice_fields()}))
+            at = 0
+            while at < len(text):  # fragments of 1-12 characters, a few ms apart
+                size = texts.rng.randint(1, 12)
+                await ws.send(json.dumps({"type": "input.text", "text": text[at : at + size]}))
+                at += size
+                await asyncio.sleep(texts.rng.uniform(0, 0.01))
+            await ws.send(json.dumps({"type": "input.done"}))
+            wire_bytes, failed, error_code = 0, False, None
+            while True:
+                frame = await ws.recv()
+                if isinstance(frame, bytes):
+                    request.audio(len(frame))
+                    continue
+                data = json.loads(frame)
+                kind = data.get("type")
+                if kind == "audio.start":
+                    continue
+                if kind == "audio.done":
+                    wire_bytes += int(data.get("total_bytes", 0))
+                    failed = failed or bool(data.get("error"))
+                elif kind == "error":
+                    error_code = error_code or data.get("code")
+                elif kind == "session.done":
+                    if error_code is not None or failed:
+                        request.error_code = error_code
+                        request.end(ERROR, f"textin error frame: {error_code}")
+                    else:
+                        request.end(*audio_verdict(request, wire_bytes // 2))
+                    return True
+                else:
+                    self.rec.anomaly(f"{request.client}: unknown message {frame[:200]!r}")
+        except ConnectionClosed as err:
+            if err.rcvd is not None:
+                request.end(ERROR, f"textin: closed with code {err.rcvd.code}")
+            else:
+                request.end(ERROR, "textin: connection dropped without a close frame")
+            return False
+
     # ---- normal clients ---------------------------------------------------------------
 
     async def http_client(self, index: int) -> None:
@@ -585,6 +651,28 @@ class Clients:
                         await asyncio.sleep(0.2)
                         continue
                 if not await self.ws_request(ws, request, self.ws_message(text, texts)):
+                    await ws.close()
+                    ws = None
+                await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
+        finally:
+            if ws is not None:
+                await ws.close()
+
+    async def text_in_client(self, index: int) -> None:
+        """A voice agent: utterances written in fragments over one streaming-text session."""
+        name = f"textin-{index}"
+        texts = Texts(random.Random(self.s.seed * 1000 + 800 + index), self.llm_kind)
+        ws: ClientConnection | None = None
+        try:
+            while self.running():
+                text = texts.text()
+                request = self.rec.start(name, "textin", "normal", **texts.expectations(text))
+                if ws is None:
+                    ws = await self.ws_connect(request, url=self.text_in_url)
+                    if ws is None:
+                        await asyncio.sleep(0.2)
+                        continue
+                if not await self.text_in_request(ws, request, text, texts):
                     await ws.close()
                     ws = None
                 await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))

@@ -67,6 +67,9 @@ def gateway_log_problems(log_text: str) -> dict[str, Any]:
     )
     return {
         "tracebacks": tracebacks,
+        # uvicorn's line for an exception no route handled: always a gateway bug (the
+        # injected decoder failures are handled, and logged as such).
+        "unhandled_exceptions": log_text.count("Exception in ASGI application"),
         "error_lines": sum(errors.values()),
         "top_errors": [f"{n} x {text.strip()}" for text, n in errors.most_common(6)],
         "top_exceptions": [f"{n} x {text}" for text, n in exceptions.most_common(6)],
@@ -92,8 +95,11 @@ def build_report(rec: Recorder, seen: Observations) -> dict[str, Any]:
     audio_s = sum(r.received for r in requests) / 2 / SAMPLE_RATE
     lost = [r for r in requests if r.outcome == LOST]
     by_kind: dict[str, Counter[str]] = {"normal": Counter(), "fault clients": Counter()}
+    normal_by_transport: dict[str, Counter[str]] = {}
     for r in requests:
         by_kind["normal" if r.kind == "normal" else "fault clients"][r.outcome] += 1
+        if r.kind == "normal":
+            normal_by_transport.setdefault(r.transport, Counter())[r.outcome] += 1
     fault_outcomes: dict[str, Counter[str]] = {}
     for r in requests:
         if r.kind != "normal":
@@ -111,6 +117,9 @@ def build_report(rec: Recorder, seen: Observations) -> dict[str, Any]:
         failures.append(f"{seen.slots_held} gateway stream slots still held")
     if not seen.gateway_alive:
         failures.append("the gateway process died")
+    unhandled = gateway_log_problems(seen.log_text)["unhandled_exceptions"]
+    if unhandled:
+        failures.append(f"{unhandled} exceptions no route handled (gateway log)")
     return {
         "settings": seen.settings,
         "llm": seen.llm_description,
@@ -118,6 +127,9 @@ def build_report(rec: Recorder, seen: Observations) -> dict[str, Any]:
         "requests_started": len(requests),
         "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES},
         "by_client": {k: {o: v.get(o, 0) for o in OUTCOMES} for k, v in by_kind.items()},
+        "normal_by_transport": {
+            k: {o: v.get(o, 0) for o in OUTCOMES} for k, v in sorted(normal_by_transport.items())
+        },
         "fault_client_outcomes": {
             k: dict(v.most_common()) for k, v in sorted(fault_outcomes.items())
         },
@@ -199,7 +211,8 @@ def print_report(report: dict[str, Any]) -> None:
     table(
         "Requests by client",
         ["clients", *OUTCOMES],
-        [[k, *v.values()] for k, v in report["by_client"].items()],
+        [[k, *v.values()] for k, v in report["by_client"].items()]
+        + [[f"normal, {k}", *v.values()] for k, v in report["normal_by_transport"].items()],
     )
     injected = report["faults_injected"]
     table("Faults injected", ["fault", "times"], [list(kv) for kv in injected.items()])

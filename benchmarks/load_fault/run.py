@@ -164,9 +164,13 @@ class Run(Faults):
     async def main(self) -> None:
         started = time.monotonic()
         self.end_at = started + self.s.duration_s
-        ws_count = (self.s.clients + 1) // 2
-        clients = [self.ws_client(i) for i in range(ws_count)]
-        clients += [self.http_client(i) for i in range(self.s.clients - ws_count)]
+        # A quarter are voice agents streaming text in; of the rest, half WebSocket.
+        text_in_count = self.s.clients // 4
+        ws_count = (self.s.clients - text_in_count + 1) // 2
+        http_count = self.s.clients - text_in_count - ws_count
+        clients = [self.text_in_client(i) for i in range(text_in_count)]
+        clients += [self.ws_client(i) for i in range(ws_count)]
+        clients += [self.http_client(i) for i in range(http_count)]
         watcher = asyncio.create_task(self.watch_upstream())
         try:
             await asyncio.gather(self.run_faults(started), *clients)

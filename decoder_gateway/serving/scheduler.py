@@ -53,6 +53,10 @@ class SegmentSource:
         self._segments.append(segment)
         self._wake()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """No more segments: readers past the last one get None."""
         self._closed = True

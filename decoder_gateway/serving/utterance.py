@@ -46,14 +46,20 @@ class Utterance:
         self.stream: SpeechStream | None = None
         self.playing = False  # a transport plays the stream (set by the transport)
         self.received_chars = 0
+        # Stopped before input.done: its synthesis failed (the client got the error and
+        # session.done) or the session closed. The rest of its text has nowhere to go.
+        self.ended = False
 
     async def feed(self, fragment: str) -> SpeechStream | None:
         """Take a fragment; returns the stream when this fragment opened it.
 
         Raises InvalidRequest (the fragment is refused, nothing of it is kept) when the
         utterance would pass MAX_TEXT_CHARS, and when a released segment holds prompt
-        markup (that segment is dropped, the rest of the utterance goes on).
+        markup (that segment is dropped, the rest of the utterance goes on). Once the
+        utterance has ended (:attr:`ended`), fragments are dropped.
         """
+        if self.ended:
+            return None
         if self.received_chars + len(fragment) > self.max_chars:
             raise InvalidRequest(
                 f"the utterance would have {self.received_chars + len(fragment)} characters; "
@@ -65,13 +71,17 @@ class Utterance:
 
     async def done(self) -> SpeechStream | None:
         """input.done: release the rest; no segment will follow."""
+        if self.ended:
+            return None
         try:
             return await self._release(self.segmenter.flush())
         finally:
             self.source.close()
 
     async def close(self) -> None:
-        """Stop the utterance (client gone or session closed): abort its generation."""
+        """Stop the utterance (client gone, session closed, or its synthesis over):
+        abort its generation."""
+        self.ended = not self.source.closed  # before input.done: text may still come
         self.source.close()
         if self.stream is not None:
             await self.stream.aclose()
