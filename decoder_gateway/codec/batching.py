@@ -3,7 +3,7 @@
 Every forward pass reads all the decoder's weights (about 600 MB as released), so a
 small window is bound by that read and batching small windows shares it. A large
 batch, though, has activations that no longer fit the cache: on a CPU, one batch of
-16 one-second windows ran at 0.5-0.7x the speed of the same windows one by one.
+16 one-second windows ran at 0.6x the speed of the same windows one by one.
 The measure of a batch is therefore the tokens its wave generator runs over
 (``len(batch) * longest window``, padding included), and a batch holds as many spans
 as fit a budget for the device. ``benchmarks/bench_decoder.py --only batch`` prints
@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 # What a pass may hold, in elements of the generator's widest activation (channels x
 # samples per token: 96 x 320 = 30720 as released), so that a narrower decoder batches
 # proportionally more tokens. CPU: 64 tokens of the released decoder, the fastest
-# budget on a 2-core AVX-512 host (bench_decoder.py --only batch; 16 windows of 4
-# tokens: 3.6x one by one; of 32: 1.2x; of 64: 1.0x). CUDA: batching pays for as long
-# as the batch fits; 4096 tokens of the released decoder is 64 streams' chunks.
+# budget on a 2-core AVX-512 host (bench_decoder.py --only batch, a mixed load: 1.13x
+# one by one at 64, the same at 128-256, 0.71x at 1024, 0.58x in one pass). CUDA:
+# batching pays for as long as the batch fits; 4096 tokens of the released decoder is
+# 64 streams' chunks (not measured yet: gpu_check.sh prints the same table there).
 RELEASED_ACTIVATION_PER_TOKEN = 96 * 320
 CPU_BATCH_ELEMENTS = 64 * RELEASED_ACTIVATION_PER_TOKEN
 CUDA_BATCH_ELEMENTS = 4096 * RELEASED_ACTIVATION_PER_TOKEN

@@ -1,8 +1,9 @@
 """Window decodes replayed from CUDA graphs, one graph per bucket of shapes.
 
-On a GPU a streaming chunk is small work in many small kernels, so its decode time
-is launch time: the prenet's 19 conv blocks and the generator's 31 convs, each a
-few kernels, launched from Python. A CUDA graph records them once for an input
+On a GPU a streaming chunk is small work in many small kernels (dozens of
+convolutions, each with its norms and activations, launched from Python), so its
+decode time is expected to be mostly launch time; ``bench_decoder.py --device cuda
+--only graphs`` measures it. A CUDA graph records the kernels once for an input
 shape and replays them with one launch.
 
 Shapes are made few by bucketing. A batch is padded to a power of two (repeating
@@ -12,9 +13,10 @@ lengths: the audio is that of the eager window decode. Every tensor the graph
 reads or writes is a static buffer of its bucket; the speaker d-vector is computed
 outside (it builds a small tensor on the host, which a capture forbids).
 
-Spans whose windows are longer than ``max_tokens`` (whole utterances, not
-chunks), batches over the largest bucket, and everything after a failed capture
-go through the eager window decode instead.
+Batches over the largest bucket are split. Spans whose windows are longer than
+``max_tokens`` (whole utterances, not chunks) and shapes past ``max_graphs``
+buckets go through the eager window decode; after a failed capture, the buckets
+run eagerly.
 """
 
 from __future__ import annotations
