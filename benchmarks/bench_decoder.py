@@ -575,6 +575,50 @@ def bench_graphs(b: Bench) -> None:
         ["chunks", "off (ms)", "on (ms)", "speed-up", "first call, capture (ms)", "capture"],
         rows,
     )
+    # What the gateway does per step: N streams, each 5 tokens further, decoded as
+    # one batch, by the stream state (graphs off) or by graphed windows (graphs on).
+    rows = []
+    for streams in (1, 4, 16, 64):
+        per_step = {}
+        for name, graphs in (("state", None), ("graphs", WindowGraphs(model))):
+            model.graphs = graphs
+            try:
+                stream_steps(b, streams, steps=4)  # warm-up, and the captures
+                per_step[name] = stream_steps(b, streams, steps=10) / 10
+            finally:
+                model.graphs = None
+        rows.append(
+            [
+                streams,
+                f"{per_step['state'] * 1000:.1f}",
+                f"{per_step['graphs'] * 1000:.1f}",
+                f"{per_step['state'] / per_step['graphs']:.2f}x",
+            ]
+        )
+    table(
+        "CUDA graphs in streaming: streams advancing 5 tokens a step, one batch per step",
+        ["streams", "stream state, graphs off (ms/step)", "graphs on (ms/step)", "speed-up"],
+        rows,
+    )
+
+
+def stream_steps(b: Bench, streams: int, steps: int) -> float:
+    """Seconds to decode ``steps`` steps of ``streams`` streams (5 tokens each a step),
+    every step's chunks in one batch, as the gateway's worker does."""
+    sessions = [StreamingSession(b.model, torch.randint(0, 4096, (32,))) for _ in range(streams)]
+    total = 0.0
+    for _ in range(steps):
+        for session in sessions:
+            session.push(b.tokens(5).tolist())
+        planned = [(session, chunk) for session in sessions for chunk in session.plan()]
+        if b.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        audio = b.model.decode_spans([chunk.span for _, chunk in planned]) if planned else []
+        total += time.perf_counter() - started
+        for (session, chunk), samples in zip(planned, audio, strict=True):
+            session.complete(chunk, samples)
+    return total
 
 
 def bench_load(b: Bench) -> None:
