@@ -16,9 +16,10 @@ server on the tiny Spark-format model instead (about 60 s to start; LLM restarts
 and outages are then off unless asked for, as each one costs another start).
 
 For ``--duration`` seconds, ``--clients`` clients (a quarter voice agents writing
-their text in fragments over the streaming-text WebSocket; of the rest, half on the
-WebSocket, half HTTP) loop over requests with short random texts and voices
-(seeded), while fault clients
+their text in fragments over the streaming-text WebSocket, one cloning voices
+(upload, speak in the voice, delete); of the rest, half on the WebSocket, half
+HTTP) loop over requests with short random texts and voices (seeded), while fault
+clients
 and LLM faults are injected on a seeded schedule (``benchmarks/load_fault/``):
 
 * a client that disconnects mid-stream (HTTP, WS: a close frame, or a dropped TCP

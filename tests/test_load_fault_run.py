@@ -72,8 +72,9 @@ def test_short_load_fault_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert outcomes["explicit_error"] > 0
     assert outcomes["abandoned"] > 0
     assert report["by_client"]["normal"]["completed"] > 0
-    # Every kind of normal client got audio: HTTP, WebSocket, and streaming text in.
-    for transport in ("http", "ws", "textin"):
+    # Every kind of normal client got audio: HTTP, WebSocket, streaming text in, and
+    # speech in voices cloned for it (uploaded, spoken, deleted).
+    for transport in ("http", "ws", "textin", "voices"):
         assert report["normal_by_transport"][transport]["completed"] > 0, transport
     assert report["audio_seconds_completed"] > 0
     # Every malformed or oversized message got an explicit error, and WS connections

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from websockets.typing import Origin
 
 from decoder_gateway.protocol import SAMPLE_RATE
 from decoder_gateway.settings import Settings as GatewaySettings
+from decoder_gateway.testing.paths import GOLDEN_SPEAKER
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
 
@@ -38,6 +40,9 @@ HTTP_PATH = "/v1/audio/speech/stream"
 OPENAI_PATH = "/v1/audio/speech"
 WS_PATH = "/v1/audio/speech/stream/ws"
 TEXT_IN_PATH = "/v1/audio/speech/stream"  # the streaming-text WebSocket (voice agents)
+VOICES_PATH = "/v1/audio/voices"  # the voice library (cloning)
+# Reference clips the library client clones (the speaker encoder's golden clips).
+CLIPS = sorted((GOLDEN_SPEAKER / "clips").glob("*.wav"))
 # The gateway's defaults (the run leaves them as they are, SEGMENT_LOOKAHEAD set explicitly).
 SEGMENT_LOOKAHEAD: int = gateway_default("segment_lookahead")  # upstream streams per request
 MAX_TEXT_CHARS: int = gateway_default("max_text_chars")
@@ -90,8 +95,10 @@ class RunSettings:
 class Request:
     """One request a client started, and what became of it."""
 
-    client: str  # "http-0", "ws-3", "textin-1", "fault-12"
-    transport: str  # "http" | "ws" | "textin" (one utterance of a streaming-text session)
+    client: str  # "http-0", "ws-3", "textin-1", "voices-0", "fault-12"
+    # "http" | "ws" | "textin" (one utterance of a streaming-text session) | "voices"
+    # (one upload, speech in the cloned voice, and its deletion)
+    transport: str
     kind: str  # "normal", a fault kind, or "<fault kind>/follow-up"
     started: float
     expected_bytes: int | None = None
@@ -679,3 +686,47 @@ class Clients:
         finally:
             if ws is not None:
                 await ws.close()
+
+    async def voice_library_client(self, index: int) -> None:
+        """Clones voices while the others speak: upload a clip, speak in the new voice
+        over HTTP, delete it. One request each time; every step must answer."""
+        name = f"voices-{index}"
+        texts = Texts(random.Random(self.s.seed * 1000 + 900 + index), self.llm_kind)
+        async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+            for round_ in itertools.count():
+                if not self.running():
+                    break
+                text = texts.text(sentences=(1, 1))
+                request = self.rec.start(name, "voices", "normal", **texts.expectations(text))
+                voice = f"lf{self.s.seed}x{index}x{round_}"
+                try:
+                    await asyncio.wait_for(
+                        self._clone_speak_delete(client, request, voice, text, texts),
+                        self.s.request_timeout_s,
+                    )
+                except TimeoutError:
+                    request.end(LOST, f"no answer within {self.s.request_timeout_s:g} s")
+                except httpx.HTTPError as err:
+                    request.end(LOST, f"client failure {type(err).__name__}: {err}")
+                await asyncio.sleep(texts.rng.uniform(0.1, 0.4) + (0.5 if request.reason else 0))
+
+    async def _clone_speak_delete(
+        self, client: httpx.AsyncClient, request: Request, voice: str, text: str, texts: Texts
+    ) -> None:
+        clip = texts.rng.choice(CLIPS)
+        created = await client.post(
+            f"{self.url}{VOICES_PATH}",
+            data={"name": voice},
+            files={"audio_sample": (clip.name, clip.read_bytes(), "audio/wav")},
+        )
+        if created.status_code != 201:
+            request.end(
+                ERROR, http_error_reason(request, created.status_code, created.content, self.rec)
+            )
+            return
+        try:
+            await self._http_once(client, request, {"text": text, "voice": voice}, None, HTTP_PATH)
+        finally:
+            deleted = await client.delete(f"{self.url}{VOICES_PATH}/{voice}")
+            if deleted.status_code != 200:
+                self.rec.anomaly(f"{request.client}: DELETE {voice} answered {deleted.status_code}")

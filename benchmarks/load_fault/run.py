@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from decoder_gateway.testing.gateway_server import GatewayServer
+from decoder_gateway.testing.paths import GOLDEN_SPEAKER
 
 from .clients import HTTP_PATH, SEGMENT_LOOKAHEAD, RunSettings, Texts, active_streams
 from .faults import (
@@ -164,11 +165,14 @@ class Run(Faults):
     async def main(self) -> None:
         started = time.monotonic()
         self.end_at = started + self.s.duration_s
-        # A quarter are voice agents streaming text in; of the rest, half WebSocket.
+        # A quarter are voice agents streaming text in, one (from 4 clients on) clones
+        # voices; of the rest, half WebSocket, half HTTP.
         text_in_count = self.s.clients // 4
-        ws_count = (self.s.clients - text_in_count + 1) // 2
-        http_count = self.s.clients - text_in_count - ws_count
+        library_count = 1 if self.s.clients >= 4 else 0
+        ws_count = (self.s.clients - text_in_count - library_count + 1) // 2
+        http_count = self.s.clients - text_in_count - library_count - ws_count
         clients = [self.text_in_client(i) for i in range(text_in_count)]
+        clients += [self.voice_library_client(i) for i in range(library_count)]
         clients += [self.ws_client(i) for i in range(ws_count)]
         clients += [self.http_client(i) for i in range(http_count)]
         watcher = asyncio.create_task(self.watch_upstream())
@@ -249,6 +253,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     else:
         llm = VllmLLM(log_dir)
     env = {
+        # The golden decoder with a speaker encoder: the library client clones voices.
+        "BICODEC_DIR": str(GOLDEN_SPEAKER),
         "MODEL_NAME": llm.model,
         "SEGMENT_LOOKAHEAD": str(SEGMENT_LOOKAHEAD),
         "LLM_TIMEOUT_S": str(args.llm_timeout),
