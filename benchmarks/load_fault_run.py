@@ -19,8 +19,7 @@ For ``--duration`` seconds, ``--clients`` clients (a quarter voice agents writin
 their text in fragments over the streaming-text WebSocket, one cloning voices
 (upload, speak in the voice, delete); of the rest, half on the WebSocket, half
 HTTP) loop over requests with short random texts and voices (seeded), while fault
-clients
-and LLM faults are injected on a seeded schedule (``benchmarks/load_fault/``):
+clients and LLM faults are injected on a seeded schedule (``benchmarks/load_fault/``):
 
 * a client that disconnects mid-stream (HTTP, WS: a close frame, or a dropped TCP
   connection), one that leaves before its first audio (while the stand-in stalls
