@@ -1,17 +1,18 @@
 """Admission and accounting of a request: a stream slot, metrics and log lines.
 
-:class:`Admission` is an async context manager around one synthesis. Entering takes
-a slot (``Overloaded`` past ``MAX_CONCURRENT_STREAMS``: refused, never queued);
-leaving releases it and records how the request ended, whatever way that was. The
-outcome comes from what ended it: the stream running out (completed), a typed
-error, a client that stopped reading (slow_client) or one that went away.
+:class:`Admission` brackets one synthesis, which outlives the call that starts it
+(a stream is returned to its transport): :meth:`Admission.admit` takes a slot
+(``Overloaded`` past ``MAX_CONCURRENT_STREAMS``, ``ShuttingDown`` while draining:
+refused, never queued); :meth:`Admission.finish`, called by the stream however it
+ends, releases it and records how the request ended. The outcome comes from what
+ended it: the stream running out (completed), a typed error, a client that stopped
+reading (slow_client) or one that went away.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from types import TracebackType
 
 from ..errors import ClientGone, GatewayError, Overloaded, ShuttingDown, SlowClient
 from ..metrics import Metrics
@@ -89,7 +90,8 @@ class Admission:
             )
         self.samples += samples
 
-    async def __aenter__(self) -> Admission:
+    def admit(self) -> None:
+        """Take a slot, or raise (Overloaded, ShuttingDown) and count the refusal."""
         try:
             self.slots.acquire()
         except (Overloaded, ShuttingDown):
@@ -97,15 +99,6 @@ class Admission:
             raise
         self._entered = True
         self.metrics.active_streams.inc()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.finish(error)
 
     def finish(self, error: BaseException | None) -> None:
         """Release the slot and record the outcome; only the first call counts."""

@@ -138,7 +138,7 @@ class SpeechService:
         admission = Admission(
             self.slots, self.metrics, job.request_id, endpoint, self.sample_rate, job.accepted_at
         )
-        await admission.__aenter__()
+        admission.admit()
         logger.info(
             "request %s: %s, voice %s, %d characters",
             job.request_id,
