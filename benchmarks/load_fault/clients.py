@@ -11,8 +11,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -24,6 +25,8 @@ from decoder_gateway.settings import Settings as GatewaySettings
 from decoder_gateway.testing.paths import GOLDEN_SPEAKER
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
+
+T = TypeVar("T")
 
 
 def gateway_default(name: str) -> Any:
@@ -373,16 +376,24 @@ class Clients:
         path: str = HTTP_PATH,
     ) -> None:
         """POST and classify; ``abandon_after_chunks``: leave after that many chunks."""
+        await self.bounded(
+            request, self._http_once(client, request, body, abandon_after_chunks, path)
+        )
+
+    async def bounded(
+        self, request: Request, exchange: Awaitable[T], waiting_for: str = "end"
+    ) -> T | None:
+        """``exchange``'s result, or None when it ran past the request timeout or the
+        client itself failed: the request is then LOST (no answer is an answer lost)."""
         try:
-            await asyncio.wait_for(
-                self._http_once(client, request, body, abandon_after_chunks, path),
-                self.s.request_timeout_s,
-            )
+            return await asyncio.wait_for(exchange, self.s.request_timeout_s)
         except TimeoutError:
             state = f"{request.received} audio bytes" if request.received else "no audio"
-            request.end(LOST, f"no end after {self.s.request_timeout_s:g} s ({state})")
+            limit = self.s.request_timeout_s
+            request.end(LOST, f"no {waiting_for} after {limit:g} s ({state})")
         except Exception as err:
             request.end(LOST, f"client failure {type(err).__name__}: {err}")
+        return None
 
     async def _http_once(
         self,
@@ -492,17 +503,8 @@ class Clients:
         ``abandon``: "close" (a close frame) or "drop" (the TCP connection cut) after
         the first audio frame.
         """
-        try:
-            return await asyncio.wait_for(
-                self._ws_once(ws, request, message, abandon), self.s.request_timeout_s
-            )
-        except TimeoutError:
-            state = f"{request.received} audio bytes" if request.received else "no audio"
-            request.end(LOST, f"no end after {self.s.request_timeout_s:g} s ({state})")
-            return False
-        except Exception as err:
-            request.end(LOST, f"client failure {type(err).__name__}: {err}")
-            return False
+        usable = await self.bounded(request, self._ws_once(ws, request, message, abandon))
+        return bool(usable)
 
     async def _ws_once(
         self,
@@ -575,17 +577,8 @@ class Clients:
     ) -> bool:
         """One utterance over the streaming-text WebSocket, sent in random fragments
         (parts of words too); True when the session is still usable."""
-        try:
-            return await asyncio.wait_for(
-                self._text_in_once(ws, request, text, texts), self.s.request_timeout_s
-            )
-        except TimeoutError:
-            state = f"{request.received} audio bytes" if request.received else "no audio"
-            request.end(LOST, f"no session.done after {self.s.request_timeout_s:g} s ({state})")
-            return False
-        except Exception as err:
-            request.end(LOST, f"client failure {type(err).__name__}: {err}")
-            return False
+        exchange = self._text_in_once(ws, request, text, texts)
+        return bool(await self.bounded(request, exchange, waiting_for="session.done"))
 
     async def _text_in_once(
         self, ws: ClientConnection, request: Request, text: str, texts: Texts
@@ -645,41 +638,43 @@ class Clients:
                 await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
 
     async def ws_client(self, index: int) -> None:
-        name = f"ws-{index}"
         texts = Texts(random.Random(self.s.seed * 1000 + 500 + index), self.llm_kind)
-        ws: ClientConnection | None = None
-        try:
-            while self.running():
-                text = texts.text()
-                request = self.rec.start(name, "ws", "normal", **texts.expectations(text))
-                if ws is None:
-                    ws = await self.ws_connect(request)
-                    if ws is None:
-                        await asyncio.sleep(0.2)
-                        continue
-                if not await self.ws_request(ws, request, self.ws_message(text, texts)):
-                    await ws.close()
-                    ws = None
-                await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
-        finally:
-            if ws is not None:
-                await ws.close()
+
+        async def speak(ws: ClientConnection, request: Request, text: str) -> bool:
+            return await self.ws_request(ws, request, self.ws_message(text, texts))
+
+        await self._session_client(f"ws-{index}", "ws", self.ws_url, texts, speak)
 
     async def text_in_client(self, index: int) -> None:
         """A voice agent: utterances written in fragments over one streaming-text session."""
-        name = f"textin-{index}"
         texts = Texts(random.Random(self.s.seed * 1000 + 800 + index), self.llm_kind)
+
+        async def speak(ws: ClientConnection, request: Request, text: str) -> bool:
+            return await self.text_in_request(ws, request, text, texts)
+
+        await self._session_client(f"textin-{index}", "textin", self.text_in_url, texts, speak)
+
+    async def _session_client(
+        self,
+        name: str,
+        transport: str,
+        url: str,
+        texts: Texts,
+        speak: Callable[[ClientConnection, Request, str], Awaitable[bool]],
+    ) -> None:
+        """Requests one after another over one WebSocket, reconnecting when ``speak``
+        says the connection is no longer usable."""
         ws: ClientConnection | None = None
         try:
             while self.running():
                 text = texts.text()
-                request = self.rec.start(name, "textin", "normal", **texts.expectations(text))
+                request = self.rec.start(name, transport, "normal", **texts.expectations(text))
                 if ws is None:
-                    ws = await self.ws_connect(request, url=self.text_in_url)
+                    ws = await self.ws_connect(request, url=url)
                     if ws is None:
                         await asyncio.sleep(0.2)
                         continue
-                if not await self.text_in_request(ws, request, text, texts):
+                if not await speak(ws, request, text):
                     await ws.close()
                     ws = None
                 await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
@@ -699,15 +694,8 @@ class Clients:
                 text = texts.text(sentences=(1, 1))
                 request = self.rec.start(name, "voices", "normal", **texts.expectations(text))
                 voice = f"lf{self.s.seed}x{index}x{round_}"
-                try:
-                    await asyncio.wait_for(
-                        self._clone_speak_delete(client, request, voice, text, texts),
-                        self.s.request_timeout_s,
-                    )
-                except TimeoutError:
-                    request.end(LOST, f"no answer within {self.s.request_timeout_s:g} s")
-                except httpx.HTTPError as err:
-                    request.end(LOST, f"client failure {type(err).__name__}: {err}")
+                exchange = self._clone_speak_delete(client, request, voice, text, texts)
+                await self.bounded(request, exchange, waiting_for="answer")
                 await asyncio.sleep(texts.rng.uniform(0.1, 0.4) + (0.5 if request.reason else 0))
 
     async def _clone_speak_delete(
