@@ -23,6 +23,7 @@ from decoder_gateway.llm import prompt_token_bound
 from decoder_gateway.prompt import speaker_prompt
 from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
 from decoder_gateway.testing.standin_llm import expected_semantic_tokens
+from decoder_gateway.testing.ws_frames import receive_until_end
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices import VoiceCatalog
 
@@ -345,15 +346,7 @@ def test_wrong_number_of_generated_globals_is_an_error(make_gateway, llm, free_v
 async def ws_exchange(ws, message: dict) -> tuple[list[dict], bytes]:
     """Send one message; collect JSON frames and audio until end or error."""
     await ws.send(json.dumps(message))
-    frames, audio = [], bytearray()
-    while True:
-        frame = await asyncio.wait_for(ws.recv(), timeout=30)
-        if isinstance(frame, bytes):
-            audio += frame
-            continue
-        frames.append(json.loads(frame))
-        if frames[-1]["type"] in ("end", "error"):
-            return frames, bytes(audio)
+    return await receive_until_end(ws)
 
 
 async def test_ws_several_messages_on_one_connection(gateway, llm):

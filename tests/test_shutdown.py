@@ -22,6 +22,7 @@ import requests
 import websockets
 
 from decoder_gateway.testing.process import HOST
+from decoder_gateway.testing.ws_frames import receive_until_end
 
 SAMPLES_PER_TOKEN = 320
 BYTES_PER_TOKEN = 2 * SAMPLES_PER_TOKEN
@@ -107,16 +108,11 @@ def test_sigterm_lets_a_running_http_stream_finish_and_refuses_new_connections(m
     assert "Shutting down" in log and "Grace period" not in log
 
 
-async def _receive_until_end(ws) -> tuple[list[dict], bytes]:
-    frames, audio = [], bytearray()
-    while True:
-        frame = await asyncio.wait_for(ws.recv(), timeout=30)
-        if isinstance(frame, bytes):
-            audio += frame
-            continue
-        frames.append(json.loads(frame))
-        if frames[-1]["type"] in ("end", "error"):
-            return frames, bytes(audio)
+async def _start_synthesis(ws, segment_id: int) -> None:
+    """Ask for TEXT and wait for its start frame: the synthesis runs."""
+    await ws.send(json.dumps({"input": TEXT, "segment_id": segment_id, "continue": True}))
+    first = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
+    assert first["type"] == "start"
 
 
 async def _closed_at(ws) -> tuple[float, int | None]:
@@ -135,15 +131,13 @@ async def test_sigterm_lets_a_running_websocket_synthesis_finish(make_gateway, l
     llm.control(tokens_per_s=80, tokens_per_segment=TOKENS)  # 3 s to write
     url = f"{gateway.ws_url}/v1/audio/speech/stream/ws"
     async with websockets.connect(url) as busy, websockets.connect(url) as idle:
-        await busy.send(json.dumps({"input": TEXT, "segment_id": 1, "continue": True}))
-        first = json.loads(await asyncio.wait_for(busy.recv(), timeout=30))
-        assert first["type"] == "start"
+        await _start_synthesis(busy, 1)
         signalled = time.monotonic()
         gateway.process.send_signal(signal.SIGTERM)
         idle_closed = asyncio.create_task(_closed_at(idle))
 
         await asyncio.to_thread(wait_refused, gateway.port)
-        frames, audio = await _receive_until_end(busy)
+        frames, audio = await receive_until_end(busy)
         ended = time.monotonic()
         assert frames[-1]["type"] == "end"
         assert len(audio) == TOKENS * BYTES_PER_TOKEN
@@ -167,16 +161,14 @@ async def test_a_synthesis_asked_for_while_draining_is_refused(make_gateway, llm
     llm.control(tokens_per_s=80, tokens_per_segment=TOKENS)  # 3 s to write
     url = f"{gateway.ws_url}/v1/audio/speech/stream/ws"
     async with websockets.connect(url) as busy, websockets.connect(url) as late:
-        await busy.send(json.dumps({"input": TEXT, "segment_id": 1, "continue": True}))
-        first = json.loads(await asyncio.wait_for(busy.recv(), timeout=30))
-        assert first["type"] == "start"
+        await _start_synthesis(busy, 1)
         gateway.process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(wait_refused, gateway.port)
         await late.send(json.dumps({"input": TEXT, "segment_id": 7, "continue": True}))
         refusal = json.loads(await asyncio.wait_for(late.recv(), timeout=10))
         assert refusal["type"] == "error" and refusal["code"] == "shutting_down"
         assert refusal["segment_id"] == 7
-        frames, audio = await _receive_until_end(busy)
+        frames, audio = await receive_until_end(busy)
         ended = time.monotonic()
         assert frames[-1]["type"] == "end" and len(audio) == TOKENS * BYTES_PER_TOKEN
         _, late_code = await _closed_at(late)
