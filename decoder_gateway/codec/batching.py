@@ -13,10 +13,11 @@ tokens of the released decoder on a CPU).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from .spans import Span
@@ -70,3 +71,29 @@ def split_batches(costs: Sequence[int], budget: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def decode_in_batches(
+    spans: Sequence[Span],
+    generator_context: int,
+    batch_tokens: int | None,
+    decode_batch: Callable[[Sequence[Span]], list[Tensor]],
+    max_batch: int | None = None,
+) -> list[Tensor]:
+    """``decode_batch`` over passes within ``batch_tokens`` (None: one pass) and of at
+    most ``max_batch`` spans; the results in the order of ``spans``."""
+    if not spans:
+        return []
+    if batch_tokens is None:
+        batches = [list(range(len(spans)))]
+    else:
+        costs = [span_cost(span, generator_context) for span in spans]
+        batches = split_batches(costs, batch_tokens)
+    size = max_batch or len(spans)
+    results: list[Tensor | None] = [None] * len(spans)
+    for batch in batches:
+        for start in range(0, len(batch), size):
+            part = batch[start : start + size]
+            for i, audio in zip(part, decode_batch([spans[i] for i in part]), strict=True):
+                results[i] = audio
+    return results  # type: ignore[return-value]

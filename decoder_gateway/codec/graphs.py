@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .batching import span_cost, split_batches
+from .batching import decode_in_batches
 from .spans import Span, SpanModel, Window, decode_spans, token_windows
 
 logger = logging.getLogger(__name__)
@@ -95,20 +95,13 @@ class WindowGraphs:
     def decode(self, spans: Sequence[Span]) -> list[Tensor]:
         """Audio of each span (float32, on the CPU), as :func:`.spans.decode_spans` gives it."""
         model = self.model
-        costs = [span_cost(span, model.generator_context) for span in spans]
-        batches = (
-            [list(range(len(spans)))]
-            if model.batch_tokens is None
-            else split_batches(costs, model.batch_tokens)
+        return decode_in_batches(
+            spans,
+            model.generator_context,
+            model.batch_tokens,
+            self._decode_batch,
+            max_batch=BATCH_BUCKETS[-1],
         )
-        results: list[Tensor | None] = [None] * len(spans)
-        for batch in batches:
-            for start in range(0, len(batch), BATCH_BUCKETS[-1]):
-                part = batch[start : start + BATCH_BUCKETS[-1]]
-                audio = self._decode_batch([spans[i] for i in part])
-                for i, samples in zip(part, audio, strict=True):
-                    results[i] = samples
-        return results  # type: ignore[return-value]
 
     def _decode_batch(self, spans: Sequence[Span]) -> list[Tensor]:
         model = self.model

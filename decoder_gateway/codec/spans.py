@@ -13,6 +13,7 @@ the costly wave generator runs on the narrow one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
-from .batching import span_cost, split_batches
+from .batching import decode_in_batches
 
 if TYPE_CHECKING:
     from .incremental import DecodeStream
@@ -81,14 +82,9 @@ def decode_spans(
     ``batch_tokens``: the most tokens of generator window in one forward pass (see
     :mod:`.batching`); None: all spans in one pass.
     """
-    if batch_tokens is None or len(spans) < 2:
-        return _decode_batch(model, spans)
-    costs = [span_cost(span, model.generator_context) for span in spans]
-    results: list[Tensor | None] = [None] * len(spans)
-    for batch in split_batches(costs, batch_tokens):
-        for i, audio in zip(batch, _decode_batch(model, [spans[i] for i in batch]), strict=True):
-            results[i] = audio
-    return results  # type: ignore[return-value]
+    return decode_in_batches(
+        spans, model.generator_context, batch_tokens, functools.partial(_decode_batch, model)
+    )
 
 
 def _decode_batch(model: SpanModel, spans: Sequence[Span]) -> list[Tensor]:
