@@ -46,7 +46,8 @@ def span_cost(span: Span, generator_context: int) -> int:
 
     A plain span runs its whole window. A stream's span runs about its own tokens:
     its settled state covers the context before, and the provisional tail after
-    is short (8 streams of 5-token chunks batched ran fastest together on the CPU).
+    is short (in a one-off CPU measurement, not a benchmark section, 8 streams of
+    5-token chunks ran fastest 4-8 to a batch).
     """
     if span.stream is not None:
         return span.end - span.start
