@@ -49,9 +49,9 @@ from decoder_gateway.codec import (
     decode_spans,
     load_decoder,
 )
-from decoder_gateway.codec.layers import WEIGHT_NORMED
-from decoder_gateway.codec.loading import cpu_computes_in
-from decoder_gateway.testing import GOLDEN_BICODEC, REPO
+from decoder_gateway.codec.model.layers import WEIGHT_NORMED
+from decoder_gateway.codec.model.loading import cpu_computes_in
+from devtools import GOLDEN_BICODEC, REPO
 
 REAL = REPO / "tests" / "data" / "bicodec"
 TOKENS_PER_SECOND = 50

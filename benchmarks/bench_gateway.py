@@ -66,19 +66,19 @@ import torch
 import websockets
 from report import table  # benchmarks/, the script's own folder
 
+from decoder_gateway.api.protocol import SpeechStreamRequest
 from decoder_gateway.codec import BiCodecConfig, BiCodecDecoder, load_decoder
-from decoder_gateway.llm import LLMClient, SamplingParams
-from decoder_gateway.prompt import speaker_prompt
-from decoder_gateway.protocol import SpeechStreamRequest
+from decoder_gateway.llm.client import LLMClient, SamplingParams
+from decoder_gateway.llm.prompt import speaker_prompt
 from decoder_gateway.serving.segment import token_budget
 from decoder_gateway.settings import Settings
-from decoder_gateway.testing import GOLDEN_BICODEC
-from decoder_gateway.testing.gateway_server import GatewayServer
-from decoder_gateway.testing.standin_llm import StandinProcess
-from decoder_gateway.testing.tiny_spark_lm import write_model
-from decoder_gateway.testing.vllm_server import VllmServer, vllm_venv, vllm_venv_problem
 from decoder_gateway.text import split_segments
-from decoder_gateway.voices import Voice, VoiceCatalog
+from decoder_gateway.voices.catalog import Voice, VoiceCatalog
+from devtools import GOLDEN_BICODEC
+from devtools.gateway_server import GatewayServer
+from devtools.standin_llm import StandinProcess
+from devtools.tiny_spark_lm import write_model
+from devtools.vllm_server import VllmServer, vllm_venv, vllm_venv_problem
 
 SAMPLE_RATE = 16000
 BYTES_PER_SECOND = 2 * SAMPLE_RATE  # PCM16 mono

@@ -26,7 +26,7 @@ import torch
 from report import table  # benchmarks/, the script's own folder
 
 from decoder_gateway.codec import SpeakerEncoder, SpeakerEncoderConfig, load_speaker_encoder
-from decoder_gateway.testing import REPO
+from devtools import REPO
 
 DATA = REPO / "tests" / "data" / "bicodec"
 CLIP_RATE = 44100

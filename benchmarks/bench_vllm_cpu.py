@@ -34,8 +34,8 @@ import torch
 from report import table  # benchmarks/, the script's own folder
 from safetensors.torch import save_file
 
-from decoder_gateway.testing import tiny_spark_lm as spark
-from decoder_gateway.testing.vllm_server import VllmServer
+from devtools import tiny_spark_lm as spark
+from devtools.vllm_server import VllmServer
 
 REAL_TIME_TOKENS_PER_S = 50
 

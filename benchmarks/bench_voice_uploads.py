@@ -26,8 +26,8 @@ import httpx
 import numpy as np
 from report import table  # benchmarks/, the script's own folder
 
-from decoder_gateway.testing.gateway_server import GatewayServer
-from decoder_gateway.testing.paths import GOLDEN_SPEAKER
+from devtools.gateway_server import GatewayServer
+from devtools.paths import GOLDEN_SPEAKER
 
 CLIP_RATE = 44100
 

@@ -5,10 +5,10 @@
         [--slow-client-timeout 3] [--json PATH] [--log-dir DIR]
 
 Everything runs on loopback (127.0.0.1) and stops by itself. By default it starts
-its own LLM, the vLLM wire-format stand-in (``decoder_gateway.testing.standin_llm``)
+its own LLM, the vLLM wire-format stand-in (``devtools.standin_llm``)
 as a subprocess on a fixed port at a GPU-like rate (200 tokens/s per stream), and
 its own gateway process pointed at it: ``python -m
-decoder_gateway.testing.faulty_gateway``, the gateway whose decoder fails for the
+devtools.faulty_gateway``, the gateway whose decoder fails for the
 test voice ``decoder_fault``, with the golden-small BiCodec decoder,
 ``SLOW_CLIENT_TIMEOUT_S`` of ``--slow-client-timeout`` (3 s) and
 ``CORS_ALLOW_ORIGINS`` one test origin. ``--llm vllm`` uses the real vLLM CPU

@@ -25,13 +25,13 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .app import create_app
-from .logs import configure
-from .serving.admission import StreamSlots
-from .serving.voices import check_voice_aliases
-from .settings import Settings, SettingsConflict
-from .voice_library import VoiceLibrary
-from .voices import VoiceCatalog
+from decoder_gateway.app import create_app
+from decoder_gateway.logs import configure
+from decoder_gateway.serving.admission import StreamSlots
+from decoder_gateway.settings import Settings, SettingsConflict
+from decoder_gateway.voices.catalog import VoiceCatalog
+from decoder_gateway.voices.library import VoiceLibrary
+from decoder_gateway.voices.service import check_voice_aliases
 
 logger = logging.getLogger("uvicorn.error")
 # uvicorn's exit status when the app did not start (the lifespan failed).

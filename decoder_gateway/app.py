@@ -13,8 +13,19 @@ import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .auth import APIKeyMiddleware
-from .codec import (
+from decoder_gateway.api import (
+    errors,
+    http_stream,
+    info,
+    openai_speech,
+    seed_ws,
+    text_in_ws,
+    voices,
+    web,
+)
+from decoder_gateway.api.auth import APIKeyMiddleware
+from decoder_gateway.api.middleware import BodySizeLimit, WebSocketOriginCheck
+from decoder_gateway.codec import (
     BiCodecDecoder,
     SpeakerEncoder,
     SpeakerEncoderUnavailable,
@@ -23,26 +34,15 @@ from .codec import (
     load_speaker_encoder,
     resolve_bicodec_dir,
 )
-from .decode_worker import DecodeWorker
-from .errors import GatewayError
-from .llm import LLMClient
-from .metrics import Metrics
-from .middleware import BodySizeLimit, WebSocketOriginCheck
-from .routes import (
-    errors,
-    info,
-    openai_speech,
-    speech_stream,
-    text_stream,
-    voices,
-    web,
-    websocket,
-)
-from .serving import SpeechService
-from .serving.voices import VoiceService
-from .settings import Settings
-from .voice_library import VoiceLibrary
-from .voices import VoiceCatalog
+from decoder_gateway.codec.runtime.worker import DecodeWorker
+from decoder_gateway.errors import GatewayError
+from decoder_gateway.llm.client import LLMClient
+from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving import SpeechService
+from decoder_gateway.settings import Settings
+from decoder_gateway.voices.catalog import VoiceCatalog
+from decoder_gateway.voices.library import VoiceLibrary
+from decoder_gateway.voices.service import VoiceService
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_body_bytes, per_path=settings.body_limits()
     )
-    for module in (info, speech_stream, websocket, text_stream, openai_speech, voices, web):
+    for module in (info, http_stream, seed_ws, text_in_ws, openai_speech, voices, web):
         app.include_router(module.router)
     return app

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 
-from .errors import StreamAborted
+from decoder_gateway.errors import StreamAborted
 
 
 class AbortedStreamFilter(logging.Filter):

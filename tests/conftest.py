@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from decoder_gateway.testing.gateway_server import GatewayServer
-from decoder_gateway.testing.standin_llm import StandinServer
-from decoder_gateway.testing.tiny_spark_lm import write_model
-from decoder_gateway.testing.vllm_server import VllmServer, VllmServerError, vllm_venv_problem
+from devtools.gateway_server import GatewayServer
+from devtools.standin_llm import StandinServer
+from devtools.tiny_spark_lm import write_model
+from devtools.vllm_server import VllmServer, VllmServerError, vllm_venv_problem
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from decoder_gateway.testing.gateway_server import REPO, free_port
-from decoder_gateway.testing.paths import GOLDEN_SPEAKER
+from devtools.gateway_server import REPO, free_port
+from devtools.paths import GOLDEN_SPEAKER
 
 TEXT = "Oli otya? Nze bulungi nnyo."
 TRANSPORTS = ["--ws", "--http"]

@@ -18,7 +18,7 @@ import av
 import numpy as np
 import pytest
 
-from decoder_gateway.clips import Clip, decode_clip, decode_data_url
+from decoder_gateway.audio.clips import Clip, decode_clip, decode_data_url
 from decoder_gateway.errors import (
     AudioTooLong,
     AudioTooShort,

@@ -23,7 +23,7 @@ from decoder_gateway.codec import (
     load_decoder,
     resolve_bicodec_dir,
 )
-from decoder_gateway.codec.batching import (
+from decoder_gateway.codec.runtime.batching import (
     RELEASED_ACTIVATION_PER_TOKEN,
     default_batch_tokens,
     span_cost,

@@ -18,8 +18,8 @@ from decoder_gateway.codec import (
     decode_spans,
     load_decoder,
 )
-from decoder_gateway.codec.graphs import LENGTH_STEP
-from decoder_gateway.testing import GOLDEN_BICODEC
+from decoder_gateway.codec.runtime.graphs import LENGTH_STEP
+from devtools import GOLDEN_BICODEC
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -3,7 +3,7 @@
 Every test drives a session the way the gateway does: ``plan()``, then
 ``decoder.decode_spans`` of the planned spans, then ``complete()`` in order
 (:func:`run_chunks`). The planned spans carry the session's decode state
-(:mod:`decoder_gateway.codec.incremental`); the same spans without it take the plain
+(:mod:`decoder_gateway.codec.runtime.incremental`); the same spans without it take the plain
 window decode, which every chunk must match.
 """
 
@@ -25,7 +25,7 @@ from decoder_gateway.codec import (
     StreamingSession,
     load_decoder,
 )
-from decoder_gateway.codec.incremental import Stage
+from decoder_gateway.codec.runtime.incremental import Stage
 
 GOLDEN = Path(__file__).parent / "data" / "bicodec" / "golden_small"
 HOP = 320

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from decoder_gateway.codec import Span, StreamingSession, load_decoder
-from decoder_gateway.codec.batching import span_cost
-from decoder_gateway.decode_worker import DecodeWorker
+from decoder_gateway.codec.runtime.batching import span_cost
+from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.errors import DecoderError
-from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
+from devtools.gateway_server import GOLDEN_BICODEC
 
 
 @pytest.fixture(scope="module")

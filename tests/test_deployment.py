@@ -895,7 +895,7 @@ def test_versions_file_sets_the_vllm_release():
     for value in versions.values():
         assert re.fullmatch(r"\d+\.\d+\.\d+", value), value
     # The vLLM release the tests' stand-in answers as (what the suite was written against).
-    from decoder_gateway.testing.standin_llm import SYSTEM_FINGERPRINT
+    from devtools.standin_llm import SYSTEM_FINGERPRINT
 
     assert f"vllm-{versions['VLLM_VERSION']}-" in SYSTEM_FINGERPRINT
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from decoder_gateway.testing.gateway_server import REPO
+from devtools.gateway_server import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")

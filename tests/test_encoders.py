@@ -1,4 +1,4 @@
-"""decoder_gateway.encoders on its own: every format round-trips through FFmpeg's
+"""decoder_gateway.audio.encoders on its own: every format round-trips through FFmpeg's
 decoders (PyAV) with the promised rate, channels and length, streams before the
 end, and speed changes tempo without changing pitch."""
 
@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from decoder_gateway.audio import to_pcm16
-from decoder_gateway.encoders import (
+from decoder_gateway.audio.encoders import (
     DEFAULT_SAMPLE_RATE,
     FORMATS,
     SAMPLE_RATES,
@@ -26,6 +25,7 @@ from decoder_gateway.encoders import (
     resampled_length,
     wav_header,
 )
+from decoder_gateway.audio.pcm import to_pcm16
 
 INPUT_RATE = 16000
 CHUNK = 3200  # 10 tokens of 320 samples, like the gateway's first chunk

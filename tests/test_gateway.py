@@ -17,15 +17,15 @@ import pytest
 import requests
 import websockets
 
-from decoder_gateway.audio import to_pcm16
+from decoder_gateway.audio.pcm import to_pcm16
 from decoder_gateway.codec import load_decoder
-from decoder_gateway.llm import prompt_token_bound
-from decoder_gateway.prompt import speaker_prompt
-from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
-from decoder_gateway.testing.standin_llm import expected_semantic_tokens
-from decoder_gateway.testing.ws_frames import receive_until_end
+from decoder_gateway.llm.client import prompt_token_bound
+from decoder_gateway.llm.prompt import speaker_prompt
 from decoder_gateway.text import split_segments
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools.gateway_server import GOLDEN_BICODEC
+from devtools.standin_llm import expected_semantic_tokens
+from devtools.ws_frames import receive_until_end
 
 VOICES = VoiceCatalog.load()
 SAMPLES_PER_TOKEN = 320

@@ -19,11 +19,11 @@ import pytest
 import requests
 import websockets
 
-from decoder_gateway.audio import to_pcm16
+from decoder_gateway.audio.pcm import to_pcm16
 from decoder_gateway.codec import load_decoder
-from decoder_gateway.testing import tiny_spark_lm as tiny
-from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC, GatewayServer
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools import tiny_spark_lm as tiny
+from devtools.gateway_server import GOLDEN_BICODEC, GatewayServer
 
 pytestmark = pytest.mark.vllm
 

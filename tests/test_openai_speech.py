@@ -15,11 +15,11 @@ import openai
 import pytest
 import requests
 
-from decoder_gateway.encoders import resampled_length
-from decoder_gateway.prompt import speaker_prompt
-from decoder_gateway.testing.standin_llm import expected_semantic_tokens
+from decoder_gateway.audio.encoders import resampled_length
+from decoder_gateway.llm.prompt import speaker_prompt
 from decoder_gateway.text import split_segments
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools.standin_llm import expected_semantic_tokens
 
 VOICES = VoiceCatalog.load()
 TEXT = "Oli otya? Nze bulungi nnyo."

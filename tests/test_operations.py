@@ -14,15 +14,15 @@ import requests
 import websockets
 
 from decoder_gateway.codec import load_decoder
-from decoder_gateway.decode_worker import DecodeWorker
-from decoder_gateway.llm import LLMClient
+from decoder_gateway.codec.runtime.worker import DecodeWorker
+from decoder_gateway.llm.client import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving import SpeechService
-from decoder_gateway.serving.voices import VoiceService
 from decoder_gateway.settings import Settings
-from decoder_gateway.testing.gateway_server import GOLDEN_BICODEC
-from decoder_gateway.voice_library import VoiceLibrary
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from decoder_gateway.voices.library import VoiceLibrary
+from decoder_gateway.voices.service import VoiceService
+from devtools.gateway_server import GOLDEN_BICODEC
 
 TEXT = "Oli otya? Nze bulungi nnyo."
 WS_PATH = "/v1/audio/speech/stream/ws"

@@ -51,14 +51,14 @@ from pathlib import Path
 import av
 import pytest
 
-from decoder_gateway.encoders import resampled_length
-from decoder_gateway.prompt import speaker_prompt
+from decoder_gateway.audio.encoders import resampled_length
+from decoder_gateway.llm.prompt import speaker_prompt
 from decoder_gateway.settings import Settings
-from decoder_gateway.testing.gateway_server import REPO
-from decoder_gateway.testing.paths import GOLDEN_SPEAKER
-from decoder_gateway.testing.standin_llm import expected_semantic_count
 from decoder_gateway.text import split_segments
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools.gateway_server import REPO
+from devtools.paths import GOLDEN_SPEAKER
+from devtools.standin_llm import expected_semantic_count
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"

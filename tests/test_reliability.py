@@ -25,8 +25,8 @@ import requests
 import websockets
 from websockets.sync.client import connect as ws_connect
 
-from decoder_gateway.testing.faulty_gateway import FAULT_VOICE
-from decoder_gateway.testing.paths import REPO
+from devtools.faulty_gateway import FAULT_VOICE
+from devtools.paths import REPO
 
 LONG_TEXT = " ".join(
     f"Sentensi eno ey'okugezesa namba {i} eriko ebigambo bingi nnyo okusobola okuwanvuwa."

@@ -21,8 +21,8 @@ import pytest
 import requests
 import websockets
 
-from decoder_gateway.testing.process import HOST
-from decoder_gateway.testing.ws_frames import receive_until_end
+from devtools.process import HOST
+from devtools.ws_frames import receive_until_end
 
 SAMPLES_PER_TOKEN = 320
 BYTES_PER_TOKEN = 2 * SAMPLES_PER_TOKEN

@@ -19,7 +19,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from decoder_gateway.testing.standin_llm import (
+from devtools.standin_llm import (
     END_SEMANTIC,
     GLOBAL_BASE,
     IM_END,
@@ -514,7 +514,7 @@ def test_command_line() -> None:
         port = sock.getsockname()[1]
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "decoder_gateway.testing.standin_llm"),
+            *(sys.executable, "-m", "devtools.standin_llm"),
             *("--port", str(port), "--tokens-per-s", "1000"),
         ],
         stdout=subprocess.PIPE,

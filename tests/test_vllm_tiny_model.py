@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from decoder_gateway.testing import tiny_spark_lm as tiny
-from decoder_gateway.testing.vllm_server import VllmServer
+from devtools import tiny_spark_lm as tiny
+from devtools.vllm_server import VllmServer
 
 pytestmark = pytest.mark.vllm
 

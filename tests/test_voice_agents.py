@@ -23,11 +23,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from decoder_gateway.prompt import speaker_prompt
-from decoder_gateway.testing.paths import REPO
-from decoder_gateway.testing.standin_llm import expected_semantic_count
+from decoder_gateway.llm.prompt import speaker_prompt
 from decoder_gateway.text import split_segments
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools.paths import REPO
+from devtools.standin_llm import expected_semantic_count
 
 VOICES = VoiceCatalog.load()
 PATH = "/v1/audio/speech/stream"

@@ -21,9 +21,9 @@ import pytest
 import requests
 from websockets.sync.client import connect as ws_connect
 
-from decoder_gateway.testing.gateway_server import GatewayServer
-from decoder_gateway.testing.paths import GOLDEN_SPEAKER
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools.gateway_server import GatewayServer
+from devtools.paths import GOLDEN_SPEAKER
 
 CLIPS = GOLDEN_SPEAKER / "clips"
 VOICES = VoiceCatalog.load()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from decoder_gateway.errors import GatewayError, InvalidRequest, VoiceExists
-from decoder_gateway.voice_library import VOICE_NAME, ClonedVoice, VoiceLibrary, check_name
-from decoder_gateway.voices import Voice, VoiceCatalog
+from decoder_gateway.voices.catalog import Voice, VoiceCatalog
+from decoder_gateway.voices.library import VOICE_NAME, ClonedVoice, VoiceLibrary, check_name
 
 TOKENS = [(i * 131) % 4096 for i in range(32)]
 
@@ -262,7 +262,7 @@ def test_leftovers_and_corrupt_files_are_ignored(
     (tmp_path / "renamed.json").write_text(make_voice("someone_else").model_dump_json())
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "sub.json").mkdir()
-    with caplog.at_level(logging.WARNING, logger="decoder_gateway.voice_library"):
+    with caplog.at_level(logging.WARNING, logger="decoder_gateway.voices.library"):
         assert [v.name for v in library.list()] == ["good"]
         assert library.list()[0].name == "good"  # a second listing: warnings not repeated
     warned = [r.getMessage() for r in caplog.records]

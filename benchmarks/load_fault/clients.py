@@ -20,11 +20,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Origin
 
-from decoder_gateway.protocol import SAMPLE_RATE
+from decoder_gateway.api.protocol import SAMPLE_RATE
 from decoder_gateway.settings import Settings as GatewaySettings
-from decoder_gateway.testing.paths import GOLDEN_SPEAKER
 from decoder_gateway.text import split_segments
-from decoder_gateway.voices import VoiceCatalog
+from decoder_gateway.voices.catalog import VoiceCatalog
+from devtools.paths import GOLDEN_SPEAKER
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from decoder_gateway.settings import Settings
-from decoder_gateway.testing.faulty_gateway import FAULT_VOICE
+from devtools.faulty_gateway import FAULT_VOICE
 
 from .clients import (
     ABANDONED,
@@ -74,7 +74,7 @@ CLIENT_FAULTS = (
 )
 INBAND_FAULTS = ("llm_error_after_tokens", "llm_drop_after_tokens", "llm_stall")
 LLM_FAULTS = ("llm_restart", "llm_outage")
-# Faults that need the fault-injecting gateway (decoder_gateway.testing.faulty_gateway).
+# Faults that need the fault-injecting gateway (devtools.faulty_gateway).
 FAULTY_GATEWAY_FAULTS = ("decoder_failure",)
 
 ALLOWED_ORIGIN = "http://allowed.example"  # the run's gateway: CORS_ALLOW_ORIGINS

@@ -9,10 +9,10 @@ from typing import Any
 
 import httpx
 
-from decoder_gateway.testing.process import free_port
-from decoder_gateway.testing.standin_llm import StandinProcess
-from decoder_gateway.testing.tiny_spark_lm import write_model
-from decoder_gateway.testing.vllm_server import VllmServer, vllm_venv_problem
+from devtools.process import free_port
+from devtools.standin_llm import StandinProcess
+from devtools.tiny_spark_lm import write_model
+from devtools.vllm_server import VllmServer, vllm_venv_problem
 
 from .clients import (
     HOST,

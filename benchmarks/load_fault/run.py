@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from decoder_gateway.testing.gateway_server import GatewayServer
-from decoder_gateway.testing.paths import GOLDEN_SPEAKER
+from devtools.gateway_server import GatewayServer
+from devtools.paths import GOLDEN_SPEAKER
 
 from .clients import HTTP_PATH, SEGMENT_LOOKAHEAD, RunSettings, Texts, active_streams
 from .faults import (
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "SLOW_CLIENT_TIMEOUT_S": str(args.slow_client_timeout),
         "CORS_ALLOW_ORIGINS": ALLOWED_ORIGIN,
     }
-    # The decoder fault needs decoder_gateway.testing.faulty_gateway in the gateway's tree.
+    # The decoder fault needs devtools.faulty_gateway in the gateway's tree.
     faulty = True
     if args.gateway_root is not None:  # import the package from there, not from cwd
         env.update(PYTHONPATH=str(args.gateway_root.resolve()), PYTHONSAFEPATH="1")

@@ -1,24 +1,24 @@
 """BiCodec detokenizer, decode path only: ``load_decoder(path, device)`` is the entry point."""
 
-from .bicodec import BiCodecDecoder
-from .config import BiCodecConfig
-from .graphs import WindowGraphs
-from .loading import (
+from decoder_gateway.codec.model.bicodec import BiCodecDecoder
+from decoder_gateway.codec.model.config import BiCodecConfig
+from decoder_gateway.codec.model.loading import (
     CheckpointError,
     LoadReport,
     checkpoint_layout,
     load_decoder,
     resolve_bicodec_dir,
 )
-from .spans import Span, decode_spans
-from .speaker import (
+from decoder_gateway.codec.runtime.graphs import WindowGraphs
+from decoder_gateway.codec.runtime.spans import Span, decode_spans
+from decoder_gateway.codec.runtime.streaming import PlannedChunk, StreamingConfig, StreamingSession
+from decoder_gateway.codec.speaker.encoder import (
     SpeakerEncoder,
     SpeakerEncoderConfig,
     SpeakerEncoderUnavailable,
     load_speaker_encoder,
     speaker_checkpoint_layout,
 )
-from .streaming import PlannedChunk, StreamingConfig, StreamingSession
 
 __all__ = [
     "BiCodecConfig",

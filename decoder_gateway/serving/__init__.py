@@ -5,9 +5,9 @@ accounting; ``scheduler``: segments ahead of playback, in order; ``segment``: on
 segment's LLM -> codec loop; ``events``: what transports adapt to their wire.
 """
 
-from .events import Audio, SegmentEnd, SegmentStart, SpeechEvent
-from .job import SpeechJob, new_request_id
-from .speech import SpeechService, SpeechStream
+from decoder_gateway.serving.events import Audio, SegmentEnd, SegmentStart, SpeechEvent
+from decoder_gateway.serving.job import SpeechJob, new_request_id
+from decoder_gateway.serving.speech import SpeechService, SpeechStream
 
 __all__ = [
     "Audio",

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..errors import ClientGone, GatewayError, Overloaded, ShuttingDown, SlowClient
-from ..metrics import Metrics
+from decoder_gateway.errors import ClientGone, GatewayError, Overloaded, ShuttingDown, SlowClient
+from decoder_gateway.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..voices import Voice
+from decoder_gateway.voices.catalog import Voice
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 

@@ -20,17 +20,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 
-from ..errors import (
+from decoder_gateway.errors import (
     GatewayError,
     InternalError,
     NoAudioGenerated,
     UpstreamError,
     UpstreamUnavailable,
 )
-from ..metrics import Metrics
-from .events import Audio, SegmentEnd, SegmentStart, SpeechEvent
-from .job import SpeechJob
-from .segment import RequestState, SegmentSynthesis
+from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving.events import Audio, SegmentEnd, SegmentStart, SpeechEvent
+from decoder_gateway.serving.job import SpeechJob
+from decoder_gateway.serving.segment import RequestState, SegmentSynthesis
 
 logger = logging.getLogger(__name__)
 

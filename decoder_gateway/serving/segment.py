@@ -13,16 +13,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..codec import StreamingConfig, StreamingSession
-from ..decode_worker import DecodeWorker
-from ..errors import NoAudioGenerated, UpstreamError
-from ..llm import LLMClient, SamplingParams, prompt_token_bound
-from ..metrics import Metrics
-from ..prompt import speaker_prompt
-from ..settings import Settings
-from ..voices import GLOBAL_TOKEN_COUNT
-from .events import Audio, SpeechEvent
-from .job import SpeechJob
+from decoder_gateway.codec import StreamingConfig, StreamingSession
+from decoder_gateway.codec.runtime.worker import DecodeWorker
+from decoder_gateway.errors import NoAudioGenerated, UpstreamError
+from decoder_gateway.llm.client import LLMClient, SamplingParams, prompt_token_bound
+from decoder_gateway.llm.prompt import speaker_prompt
+from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving.events import Audio, SpeechEvent
+from decoder_gateway.serving.job import SpeechJob
+from decoder_gateway.settings import Settings
+from decoder_gateway.voices.catalog import GLOBAL_TOKEN_COUNT
 
 Emit = Callable[[SpeechEvent], Awaitable[None]]
 

@@ -20,20 +20,20 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from ..decode_worker import DecodeWorker
-from ..errors import GatewayError, InternalError, InvalidRequest
-from ..llm import LLMClient
-from ..metrics import Metrics
-from ..prompt import find_markup
-from ..settings import Settings
-from ..text import normalize_text, split_segments
-from ..voices import Voice
-from .admission import Admission, StreamSlots
-from .events import Audio, SpeechEvent
-from .job import SpeechJob, new_request_id
-from .scheduler import SegmentScheduler, SegmentSource
-from .segment import SegmentSynthesis
-from .voices import VoiceService
+from decoder_gateway.codec.runtime.worker import DecodeWorker
+from decoder_gateway.errors import GatewayError, InternalError, InvalidRequest
+from decoder_gateway.llm.client import LLMClient
+from decoder_gateway.llm.prompt import find_markup
+from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving.admission import Admission, StreamSlots
+from decoder_gateway.serving.events import Audio, SpeechEvent
+from decoder_gateway.serving.job import SpeechJob, new_request_id
+from decoder_gateway.serving.scheduler import SegmentScheduler, SegmentSource
+from decoder_gateway.serving.segment import SegmentSynthesis
+from decoder_gateway.settings import Settings
+from decoder_gateway.text import normalize_text, split_segments
+from decoder_gateway.voices.catalog import Voice
+from decoder_gateway.voices.service import VoiceService
 
 logger = logging.getLogger(__name__)
 

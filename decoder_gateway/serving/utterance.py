@@ -10,12 +10,12 @@ first segment, so no capacity is held while a client is still thinking.
 
 from __future__ import annotations
 
-from ..errors import InvalidRequest
-from ..text import SegmentStream
-from ..voices import Voice
-from .job import SpeechJob, new_request_id
-from .scheduler import SegmentSource
-from .speech import SpeechService, SpeechStream
+from decoder_gateway.errors import InvalidRequest
+from decoder_gateway.serving.job import SpeechJob, new_request_id
+from decoder_gateway.serving.scheduler import SegmentSource
+from decoder_gateway.serving.speech import SpeechService, SpeechStream
+from decoder_gateway.text import SegmentStream
+from decoder_gateway.voices.catalog import Voice
 
 
 class Utterance:
