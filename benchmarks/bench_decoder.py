@@ -41,16 +41,17 @@ from safetensors.torch import save_file
 from decoder_gateway.codec import (
     BiCodecConfig,
     BiCodecDecoder,
+    Decoder,
     Span,
     StreamingConfig,
     StreamingSession,
     WindowGraphs,
     checkpoint_layout,
-    decode_spans,
+    decode_pass,
     load_decoder,
 )
 from decoder_gateway.codec.model.layers import WEIGHT_NORMED
-from decoder_gateway.codec.model.loading import cpu_computes_in
+from decoder_gateway.codec.model.loading import checkpoint_key, cpu_computes_in
 from devtools import GOLDEN_BICODEC, REPO
 
 REAL = REPO / "tests" / "data" / "bicodec"
@@ -68,13 +69,16 @@ def random_checkpoint(folder: Path) -> Path:
     normed = {n for n, m in model.named_modules() if isinstance(m, WEIGHT_NORMED)}
     for key, value in model.state_dict().items():
         module, _, leaf = key.rpartition(".")
+        stored = checkpoint_key(key)  # the released name
         if module in normed and leaf == "weight":
             norm = torch.linalg.vector_norm(value.flatten(1), dim=1).reshape(
                 -1, *[1] * (value.dim() - 1)
             )
-            state[f"{module}.weight_g"], state[f"{module}.weight_v"] = norm, value.clone()
+            stored_module = stored.rpartition(".")[0]
+            state[f"{stored_module}.weight_g"] = norm
+            state[f"{stored_module}.weight_v"] = value.clone()
         else:
-            state[key] = value.contiguous()
+            state[stored] = value.contiguous()
     manifest = json.loads((REAL / "manifest_real.json").read_text())
     assert set(checkpoint_layout(model)) <= {e["key"] for e in manifest["keys"]}
     for entry in manifest["keys"]:
@@ -112,7 +116,9 @@ def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / error))
 
 
-def decode_planned(session: StreamingSession, plain: bool = False) -> list[torch.Tensor]:
+def decode_planned(
+    decoder: Decoder, session: StreamingSession, plain: bool = False
+) -> list[torch.Tensor]:
     """Plan, decode and complete what the session allows, as the gateway's worker does.
 
     ``plain``: decode each chunk's window from scratch (without the stream's state),
@@ -120,22 +126,22 @@ def decode_planned(session: StreamingSession, plain: bool = False) -> list[torch
     """
     chunks = session.plan()
     spans = [replace(c.span, stream=None) if plain else c.span for c in chunks]
-    audio = session.decoder.decode_spans(spans) if spans else []
+    audio = decoder.decode_spans(spans) if spans else []
     return [session.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
 
 
 def stream_all(model, semantic, global_tokens, config, plain=False) -> tuple[torch.Tensor, int]:
     """Stream token by token; returns the audio and the tokens seen before first audio."""
-    session = StreamingSession(model, global_tokens, config)
+    session = model.open_stream(global_tokens, config)
     chunks, first = [], None
     for position, token in enumerate(semantic.tolist(), start=1):
         session.push([token])
-        ready = decode_planned(session, plain)
+        ready = decode_planned(model, session, plain)
         if ready and first is None:
             first = position
         chunks += ready
     session.finish()
-    chunks += decode_planned(session, plain)
+    chunks += decode_planned(model, session, plain)
     return torch.cat(chunks), first or len(semantic)
 
 
@@ -178,7 +184,7 @@ class Bench:
     """The model under test, a voice, and a seeded token source."""
 
     def __init__(
-        self, model: BiCodecDecoder, folder: Path, device: str, repeats: int, compile: bool
+        self, model: Decoder, folder: Path, device: str, repeats: int, compile: bool
     ) -> None:
         self.model, self.folder, self.device, self.repeats = model, folder, device, repeats
         self.compile = compile
@@ -255,7 +261,7 @@ def sentence_spans(b: Bench, count: int) -> list[Span]:
 
 
 def bench_batch(b: Bench) -> None:
-    model, default = b.model, b.model.batch_tokens
+    model, default = b.model.model, b.model.batch_tokens
     workloads = [
         ("chunks", chunk_spans, (1, 4, 16, 64)),
         ("~1 s sentences", sentence_spans, (1, 4, 16) if b.device == "cpu" else (1, 4, 16, 64)),
@@ -264,9 +270,9 @@ def bench_batch(b: Bench) -> None:
     for name, make, sizes in workloads:
         for size in sizes:
             spans = make(b, size)
-            single = timed(lambda sp=spans: [decode_spans(model, [s]) for s in sp], b.repeats)
-            padded = timed(lambda sp=spans: decode_spans(model, sp), b.repeats)
-            budget = timed(lambda sp=spans: decode_spans(model, sp, default), b.repeats)
+            single = timed(lambda sp=spans: [decode_pass(model, [s]) for s in sp], b.repeats)
+            padded = timed(lambda sp=spans: decode_pass(model, sp), b.repeats)
+            budget = timed(lambda sp=spans: b.model.decode_spans(sp), b.repeats)
             rows.append(
                 [
                     name,
@@ -297,10 +303,14 @@ def bench_batch(b: Bench) -> None:
     chunks, sentences = (16, 4) if on_cpu else (128, 32)
     spans = chunk_spans(b, chunks) + sentence_spans(b, sentences)
     budgets = (16, 32, 64, 128, 256, 1024) if on_cpu else (64, 256, 1024, 4096, 16384)
-    single = timed(lambda: [decode_spans(model, [s]) for s in spans], b.repeats)
+    single = timed(lambda: [decode_pass(model, [s]) for s in spans], b.repeats)
     rows = []
     for budget in (*budgets, None):
-        t = timed(lambda n=budget: decode_spans(model, spans, n), b.repeats)
+        if budget is None:
+            t = timed(lambda: decode_pass(model, spans), b.repeats)
+        else:
+            budgeted = Decoder(model, batch_tokens=budget)
+            t = timed(lambda d=budgeted: d.decode_spans(spans), b.repeats)
         rows.append(["one pass" if budget is None else budget, t, f"{single / t:.2f}x"])
     best = min(rows, key=lambda row: row[1])
     table(
@@ -376,19 +386,19 @@ def first_chunk_at_rate(
     """Stream with tokens arriving every 1/rate s (a simulated clock), decoding as they
     allow. Returns the first window (tokens), when its last token came (s after the
     first), the first chunk's decode time (s, measured) and the audio."""
-    session = StreamingSession(b.model, b.voice, config)
+    session = b.model.open_stream(b.voice, config)
     out: list[torch.Tensor] = []
     window, came, decode_s = 0, 0.0, 0.0
     for position, token in enumerate(semantic.tolist(), start=1):
         session.push([token], at=(position - 1) / rate)
         started = time.perf_counter()
-        ready = decode_planned(session)
+        ready = decode_planned(b.model, session)
         if ready and not window:
             decode_s = time.perf_counter() - started
             window, came = position, (position - 1) / rate
         out += ready
     session.finish()
-    out += decode_planned(session)
+    out += decode_planned(b.model, session)
     return window, came, decode_s, torch.cat(out)
 
 
@@ -464,12 +474,13 @@ def channels_last_convs():
         F.conv1d = conv1d
 
 
-def compiled(model: BiCodecDecoder) -> BiCodecDecoder:
+def compiled(decoder: Decoder) -> Decoder:
     """The same decoder with its two window passes compiled (shapes vary: dynamic)."""
+    model = decoder.model
     other = copy.copy(model)  # shares the weights; torch.compile wraps the methods
     other.features = torch.compile(model.features, dynamic=True)
     other.waveform = torch.compile(model.waveform, dynamic=True)
-    return other
+    return Decoder(other, batch_tokens=decoder.batch_tokens)
 
 
 def precision_modes(b: Bench, folder: Path) -> list[tuple[str, Callable[[], object]]]:
@@ -491,8 +502,8 @@ def precision_modes(b: Bench, folder: Path) -> list[tuple[str, Callable[[], obje
     return modes
 
 
-def decode_whole(model: BiCodecDecoder, span: Span) -> torch.Tensor:
-    return decode_spans(model, [span])[0]
+def decode_whole(decoder: Decoder, span: Span) -> torch.Tensor:
+    return decoder.decode_spans([span])[0]
 
 
 def bench_precision(b: Bench) -> None:
@@ -500,7 +511,7 @@ def bench_precision(b: Bench) -> None:
     rows = []
     for name, folder in (("golden", GOLDEN_BICODEC), ("real-size", b.folder)):
         reference = load_decoder(folder, b.device)
-        semantic = torch.randint(0, reference.config.codebook_size, (100,), generator=b._gen)
+        semantic = torch.randint(0, reference.model.config.codebook_size, (100,), generator=b._gen)
         whole = Span(semantic, b.voice, 0, len(semantic))
         run = functools.partial(decode_whole, span=whole)
 
@@ -509,9 +520,7 @@ def bench_precision(b: Bench) -> None:
         rows.append([name, "float32", base, "1.00x", "-", "-", "-"])
         for mode, how in precision_modes(b, folder):
             model, context = (
-                (how, contextlib.nullcontext)
-                if isinstance(how, BiCodecDecoder)
-                else (reference, how)
+                (how, contextlib.nullcontext) if isinstance(how, Decoder) else (reference, how)
             )
             started = time.perf_counter()
             with context():
@@ -549,17 +558,22 @@ def bench_graphs(b: Bench) -> None:
     if b.device != "cuda":
         print("\n(CUDA graphs: CUDA only, skipped on the CPU)")
         return
-    model = b.model
+    decoder = b.model
+
+    def with_graphs(graphs: WindowGraphs) -> Decoder:
+        return Decoder(decoder.model, batch_tokens=decoder.batch_tokens, graphs=graphs)
+
     rows = []
     for size in (1, 4, 16, 64):
         spans = chunk_spans(b, size)
-        eager = timed(lambda sp=spans: decode_spans(model, sp, model.batch_tokens), b.repeats)
-        graphs = WindowGraphs(model)
+        eager = timed(lambda sp=spans: decoder.decode_spans(sp), b.repeats)
+        graphs = WindowGraphs(decoder.model)
+        graphed = with_graphs(graphs)
         started = time.perf_counter()
-        graphs.decode(spans)  # captures the buckets this batch needs
+        graphed.decode_spans(spans)  # captures the buckets this batch needs
         torch.cuda.synchronize()
         capture = time.perf_counter() - started
-        replayed = timed(lambda sp=spans, g=graphs: g.decode(sp), b.repeats)
+        replayed = timed(lambda sp=spans, g=graphed: g.decode_spans(sp), b.repeats)
         rows.append(
             [
                 size,
@@ -580,13 +594,12 @@ def bench_graphs(b: Bench) -> None:
     rows = []
     for streams in (1, 4, 16, 64):
         per_step = {}
-        for name, graphs in (("state", None), ("graphs", WindowGraphs(model))):
-            model.graphs = graphs
-            try:
-                stream_steps(b, streams, steps=4)  # warm-up, and the captures
-                per_step[name] = stream_steps(b, streams, steps=10) / 10
-            finally:
-                model.graphs = None
+        for name, through in (
+            ("state", decoder),
+            ("graphs", with_graphs(WindowGraphs(decoder.model))),
+        ):
+            stream_steps(b, through, streams, steps=4)  # warm-up, and the captures
+            per_step[name] = stream_steps(b, through, streams, steps=10) / 10
         rows.append(
             [
                 streams,
@@ -602,10 +615,10 @@ def bench_graphs(b: Bench) -> None:
     )
 
 
-def stream_steps(b: Bench, streams: int, steps: int) -> float:
+def stream_steps(b: Bench, decoder: Decoder, streams: int, steps: int) -> float:
     """Seconds to decode ``steps`` steps of ``streams`` streams (5 tokens each a step),
     every step's chunks in one batch, as the gateway's worker does."""
-    sessions = [StreamingSession(b.model, torch.randint(0, 4096, (32,))) for _ in range(streams)]
+    sessions = [decoder.open_stream(torch.randint(0, 4096, (32,))) for _ in range(streams)]
     total = 0.0
     for _ in range(steps):
         for session in sessions:
@@ -614,7 +627,7 @@ def stream_steps(b: Bench, streams: int, steps: int) -> float:
         if b.device == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        audio = b.model.decode_spans([chunk.span for _, chunk in planned]) if planned else []
+        audio = decoder.decode_spans([chunk.span for _, chunk in planned]) if planned else []
         total += time.perf_counter() - started
         for (session, chunk), samples in zip(planned, audio, strict=True):
             session.complete(chunk, samples)

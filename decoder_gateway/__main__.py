@@ -13,6 +13,7 @@ which would cut the syntheses they carry: hence :class:`DrainingServer`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import signal
@@ -22,10 +23,9 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 
-from decoder_gateway.app import create_app
+from decoder_gateway.app import create_app, stream_slots
 from decoder_gateway.logs import configure
 from decoder_gateway.serving.admission import StreamSlots
 from decoder_gateway.settings import Settings, SettingsConflict
@@ -126,24 +126,19 @@ class DrainingServer(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
-def _slots(app: FastAPI) -> StreamSlots | None:
-    gateway = getattr(app.state, "gateway", None)  # None until the start-up has loaded it
-    return None if gateway is None else gateway.speech.slots
-
-
-def _busy(app: FastAPI) -> Callable[[], bool]:
+def _busy(slots: Callable[[], StreamSlots | None]) -> Callable[[], bool]:
     def busy() -> bool:
-        slots = _slots(app)
-        return slots is not None and slots.active > 0
+        current = slots()
+        return current is not None and current.active > 0
 
     return busy
 
 
-def _drain(app: FastAPI) -> Callable[[], None]:
+def _drain(slots: Callable[[], StreamSlots | None]) -> Callable[[], None]:
     def drain() -> None:
-        slots = _slots(app)
-        if slots is not None:
-            slots.draining = True
+        current = slots()
+        if current is not None:
+            current.draining = True
 
     return drain
 
@@ -170,7 +165,8 @@ def main() -> None:
         ws_ping_timeout=settings.ws_ping_timeout_s,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    server = DrainingServer(config, _busy(app), _drain(app))
+    slots = functools.partial(stream_slots, app)
+    server = DrainingServer(config, _busy(slots), _drain(slots))
     # uvicorn raises the signal it stopped for again once it has shut down, with the
     # handler it found: the default one would end a drained process with "killed by
     # SIGTERM" (143) instead of 0.

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +26,8 @@ from decoder_gateway.api import (
 from decoder_gateway.api.auth import APIKeyMiddleware
 from decoder_gateway.api.middleware import BodySizeLimit, WebSocketOriginCheck
 from decoder_gateway.codec import (
-    BiCodecDecoder,
     SpeakerEncoder,
     SpeakerEncoderUnavailable,
-    WindowGraphs,
     load_decoder,
     load_speaker_encoder,
     resolve_bicodec_dir,
@@ -39,25 +37,14 @@ from decoder_gateway.errors import GatewayError
 from decoder_gateway.llm.client import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving import SpeechService
+from decoder_gateway.serving.admission import StreamSlots
+from decoder_gateway.serving.gateway import Gateway
 from decoder_gateway.settings import Settings
 from decoder_gateway.voices.catalog import VoiceCatalog
 from decoder_gateway.voices.library import VoiceLibrary
 from decoder_gateway.voices.service import VoiceService
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Gateway:
-    """What the routes need, built once per process."""
-
-    settings: Settings
-    voices: VoiceService
-    llm: LLMClient
-    decoder: BiCodecDecoder
-    worker: DecodeWorker
-    speech: SpeechService
-    metrics: Metrics
 
 
 def pick_device(setting: str) -> str:
@@ -80,15 +67,18 @@ async def build_gateway(settings: Settings) -> Gateway:
         settings.hf_token,
     )
     device = pick_device(settings.decoder_device)
+    if settings.decoder_cuda_graphs and device != "cuda":
+        raise RuntimeError("DECODER_CUDA_GRAPHS=true but the decoder runs on the CPU")
     decoder = await asyncio.to_thread(
-        load_decoder, folder, device, getattr(torch, settings.decoder_dtype)
+        functools.partial(
+            load_decoder,
+            folder,
+            device,
+            getattr(torch, settings.decoder_dtype),
+            batch_tokens=settings.decoder_batch_tokens,
+            cuda_graphs=settings.decoder_cuda_graphs,
+        )
     )
-    if settings.decoder_batch_tokens is not None:
-        decoder.batch_tokens = settings.decoder_batch_tokens
-    if settings.decoder_cuda_graphs:
-        if device != "cuda":
-            raise RuntimeError("DECODER_CUDA_GRAPHS=true but the decoder runs on the CPU")
-        decoder.graphs = WindowGraphs(decoder)
     encoder, encoder_problem = await asyncio.to_thread(_load_speaker_encoder, folder, device)
     metrics = Metrics()
     llm = LLMClient(
@@ -118,6 +108,13 @@ def _load_speaker_encoder(folder: Path, device: str) -> tuple[SpeakerEncoder | N
     except SpeakerEncoderUnavailable as err:
         logger.warning("voice cloning off: %s", err)
         return None, "the BiCodec checkpoint has no speaker encoder"
+
+
+def stream_slots(app: FastAPI) -> StreamSlots | None:
+    """The stream slots of ``app``, for draining at shutdown; None until its start-up has
+    built the gateway."""
+    gateway: Gateway | None = getattr(app.state, "gateway", None)
+    return None if gateway is None else gateway.speech.slots
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,5 +1,5 @@
 """Error types of the pipeline. Transports map them to HTTP statuses / WS error frames
-in one place (``routes/errors.py``), by their ``status`` and message."""
+in one place (``api/errors.py``), by their ``status`` and message."""
 
 from __future__ import annotations
 

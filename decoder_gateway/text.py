@@ -26,7 +26,7 @@ Rules, in order:
    ``max_chars`` costs more (it makes more, shorter requests); a word longer
    than ``max_chars`` is cut hard only where no other cut is in reach. A cut
    depends on the next ``max_chars + 2`` characters only, never on where the
-   sentence ends, so :class:`SegmentStream` can release the first piece of a
+   sentence ends, so :class:`TextSegmenter` can release the first piece of a
    long sentence while the model is still writing the rest. (A balanced cut
    would read better for the last piece but needs the whole sentence first.)
 4. Segments shorter than ``min_chars`` are merged into a neighbour on the same
@@ -39,7 +39,7 @@ Rules, in order:
 Every letter and digit of the input survives, in order, and no segment is
 empty or longer than ``max_chars``.
 
-:class:`SegmentStream` applies the same rules to text that arrives in
+:class:`TextSegmenter` applies the same rules to text that arrives in
 fragments (a voice agent's LLM writing its reply token by token) and releases
 each segment as soon as no later text can change it.
 """
@@ -53,7 +53,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
-__all__ = ["SegmentStream", "normalize_text", "split_segments"]
+__all__ = ["TextSegmenter", "normalize_text", "split_segments"]
 
 # Sentence terminators that need a space (or the end of the line) after them.
 _LATIN_TERMINATORS = ".!?…‼⁇⁈⁉‽．"
@@ -293,7 +293,7 @@ def _first_cut(sentence: str, max_chars: int) -> tuple[int, int]:
     first piece, start of the rest).
 
     Reads ``sentence[: max_chars + 2]`` only -- the contract that lets
-    :class:`SegmentStream` cut a sentence that has not ended yet. The cheapest
+    :class:`TextSegmenter` cut a sentence that has not ended yet. The cheapest
     cut wins (see ``_CUT_COST`` and ``_SHORT_COST``); on a tie the later one,
     which leaves fewer pieces.
     """
@@ -365,7 +365,7 @@ def _absorb_unspeakable(segments: list[str], max_chars: int) -> list[str]:
     result fits, or drop them.
 
     Only forwards: joining one to the segment before it would let a line that
-    has not arrived yet change a line that has, and :class:`SegmentStream`
+    has not arrived yet change a line that has, and :class:`TextSegmenter`
     releases a line's last segment at its line break.
     """
     out: list[str] = []
@@ -438,17 +438,17 @@ def _normalized_length(raw: str, after_space: bool) -> int:
     return len(text) - (1 if after_space and text.startswith(" ") else 0)
 
 
-class SegmentStream:
+class TextSegmenter:
     """:func:`split_segments` for text that arrives in fragments.
 
     Feed the fragments in order, then call :meth:`flush` once at the end of the
     utterance::
 
-        stream = SegmentStream(max_chars=300)
+        segmenter = TextSegmenter(max_chars=300)
         for token in llm_reply:
-            for segment in stream.feed(token):
+            for segment in segmenter.feed(token):
                 synthesise(segment)
-        for segment in stream.flush():
+        for segment in segmenter.flush():
             synthesise(segment)
 
     For any text and any cut into fragments (inside words, inside ``...``,
@@ -520,11 +520,6 @@ class SegmentStream:
         segment with no letter or digit that waits for the next line keeps its
         line here."""
         return "".join(self._held_lines) + self._line_held()
-
-    @property
-    def buffered_chars(self) -> int:
-        """``len(buffered)``: how much raw text is held."""
-        return len(self.buffered)
 
     # --- state -----------------------------------------------------------------------
 

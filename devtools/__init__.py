@@ -15,7 +15,6 @@ copy, and documented as tooling: the serving code never imports it.
   through ``launch_vllm.sh`` (needs a checkout).
 * :mod:`.tiny_spark_lm`: writes a tiny deterministic Spark-format LM for vLLM.
 * :mod:`.faulty_gateway`: the gateway with a decoder that fails for one voice.
-* :mod:`.ws_frames`: the seed WebSocket's frames for one message, until its end.
 
 The data paths (:data:`REPO`, :data:`GOLDEN_BICODEC`) point into a checkout: the
 tooling is meant to be used from one (``pip install -e ".[test]"``).

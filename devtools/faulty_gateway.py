@@ -3,7 +3,7 @@
 The same gateway as ``python -m decoder_gateway``, from the same environment
 variables, with two changes made before it starts:
 
-* :meth:`BiCodecDecoder.decode_spans` raises ``RuntimeError("CUDA out of memory
+* :meth:`Decoder.decode_spans` raises ``RuntimeError("CUDA out of memory
   (injected by devtools)")`` for any batch that holds a span whose
   global tokens are :data:`FAULT_GLOBAL_TOKENS`; every other batch decodes as usual;
 * the voice :data:`FAULT_VOICE` (speaker id :data:`FAULT_SPEAKER_ID`) with those
@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import Tensor
 
-from decoder_gateway.codec import BiCodecDecoder, Span
+from decoder_gateway.codec import Decoder, Span
 from decoder_gateway.voices.catalog import GLOBAL_CODEBOOK_SIZE, GLOBAL_TOKEN_COUNT
 
 FAULT_VOICE = "decoder_fault"
@@ -52,19 +52,19 @@ def is_fault_span(span: Span) -> bool:
 
 
 def install_decoder_fault() -> None:
-    """Wrap ``BiCodecDecoder.decode_spans`` so that batches with a fault span raise."""
-    original = BiCodecDecoder.decode_spans
+    """Wrap ``Decoder.decode_spans`` so that batches with a fault span raise."""
+    original = Decoder.decode_spans
     if getattr(original, "injected_fault", False):
         return
 
     @functools.wraps(original)
-    def decode_spans(self: BiCodecDecoder, spans: Sequence[Span]) -> list[Tensor]:
+    def decode_spans(self: Decoder, spans: Sequence[Span]) -> list[Tensor]:
         if any(is_fault_span(span) for span in spans):
             raise RuntimeError(INJECTED_ERROR)
         return original(self, spans)
 
     decode_spans.injected_fault = True  # type: ignore[attr-defined]
-    BiCodecDecoder.decode_spans = decode_spans  # type: ignore[method-assign]
+    Decoder.decode_spans = decode_spans  # type: ignore[method-assign]
 
 
 def fault_voices() -> list[dict[str, Any]]:

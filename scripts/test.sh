@@ -21,7 +21,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned, so that our package's "torch>=2.4" is already satisfied.
 .venv/bin/python -m pip install -q "${torch_index[@]}" "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# The gateway with its test extra, and the test tooling (devtools/: stand-in LLM, tiny
+# models, process runners), a distribution of its own so that the wheel never holds it.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]" -e ./devtools
 
 bash scripts/setup_vllm_env.sh .venv-vllm
 

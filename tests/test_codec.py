@@ -16,17 +16,16 @@ from decoder_gateway.codec import (
     BiCodecConfig,
     BiCodecDecoder,
     CheckpointError,
+    Decoder,
     Span,
-    StreamingSession,
     checkpoint_layout,
-    decode_spans,
+    decode_pass,
     load_decoder,
     resolve_bicodec_dir,
 )
 from decoder_gateway.codec.runtime.batching import (
     RELEASED_ACTIVATION_PER_TOKEN,
     default_batch_tokens,
-    span_cost,
     split_batches,
 )
 
@@ -35,7 +34,7 @@ GOLDEN = DATA / "golden_small"
 
 
 @pytest.fixture(scope="module")
-def decoder() -> BiCodecDecoder:
+def decoder() -> Decoder:
     return load_decoder(GOLDEN)
 
 
@@ -68,9 +67,10 @@ def test_matches_reference_waveform(decoder, cases, case):
 def test_matches_reference_intermediates(decoder, cases, case):
     c = cases[case]
     with torch.inference_mode():
-        d_vector = decoder.speaker_encoder(torch.from_numpy(c["global"][0]))
-        z_q = decoder.quantizer(torch.from_numpy(c["semantic"]))
-        prenet = decoder.prenet(z_q, d_vector, None)
+        model = decoder.model
+        d_vector = model.global_dequantizer(torch.from_numpy(c["global"][0]))
+        z_q = model.quantizer(torch.from_numpy(c["semantic"]))
+        prenet = model.prenet(z_q, d_vector, None)
     for name, value in (("dvector", d_vector), ("zq", z_q), ("prenet", prenet)):
         assert (value - torch.from_numpy(c[name])).abs().max() <= 1e-5, name
 
@@ -278,7 +278,7 @@ def test_spans_equal_their_slices_of_the_full_decode(decoder, cases):
     voice = torch.from_numpy(c["global"][0, 0]).long()
     full = decoder.decode(semantic, voice)
     length = semantic.numel()
-    assert length > 2 * decoder.receptive_field + 20  # so that the middle span is clipped
+    assert length > 2 * decoder.model.receptive_field + 20  # so that the middle span is clipped
     bounds = [(0, 5), (length // 2 - 7, length // 2 + 3), (length - 9, length), (0, length)]
     audio = decoder.decode_spans([Span(semantic, voice, a, b) for a, b in bounds])
     for (a, b), samples in zip(bounds, audio, strict=True):
@@ -307,9 +307,9 @@ def test_budgeted_passes_give_the_audio_of_one_pass(decoder, cases):
     length = semantic.numel()
     bounds = [(0, 5), (40, 44), (length // 2, length // 2 + 20), (length - 9, length), (0, length)]
     spans = [Span(semantic, voice if i % 2 else other, a, b) for i, (a, b) in enumerate(bounds)]
-    one_pass = decode_spans(decoder, spans)
-    budget = 2 * span_cost(spans[1], decoder.generator_context)  # two short windows a pass
-    budgeted = decode_spans(decoder, spans, budget)
+    one_pass = decode_pass(decoder.model, spans)
+    budget = 2 * decoder.cost([spans[1]])  # two short windows a pass
+    budgeted = Decoder(decoder.model, batch_tokens=budget).decode_spans(spans)
     for (a, b), x, y in zip(bounds, one_pass, budgeted, strict=True):
         assert x.shape == y.shape == (320 * (b - a),)
         assert (x - y).abs().max() <= 1e-5
@@ -322,7 +322,7 @@ def test_load_sets_the_devices_batch_budget(decoder):
     assert released.activation_per_token == RELEASED_ACTIVATION_PER_TOKEN == 96 * 320
     assert default_batch_tokens("cpu", released.activation_per_token) == 64
     assert default_batch_tokens("cuda", released.activation_per_token) == 4096
-    assert decoder.activation_per_token == 16 * 160  # 16 x 160 = 8 x 320
+    assert decoder.model.activation_per_token == 16 * 160  # 16 x 160 = 8 x 320
     assert decoder.batch_tokens == default_batch_tokens("cpu", 16 * 160) == 64 * 12
 
 
@@ -344,9 +344,9 @@ def test_bfloat16_is_within_its_stated_error(cases, case):
     assert snr_db(reference, wav) >= REDUCED_PRECISION_MIN_SNR_DB
 
 
-def stream_tokens(model: BiCodecDecoder, semantic: list[int], voice: torch.Tensor) -> torch.Tensor:
+def stream_tokens(model: Decoder, semantic: list[int], voice: torch.Tensor) -> torch.Tensor:
     """Stream ``semantic`` 5 tokens at a time, as the gateway's worker decodes it."""
-    session = StreamingSession(model, voice)
+    session = model.open_stream(voice)
     out = []
     for i in range(0, len(semantic) + 5, 5):
         if i < len(semantic):

@@ -1,4 +1,4 @@
-"""Bucketed window decodes (codec/graphs.py): the audio of the eager window decode.
+"""Bucketed window decodes (codec/runtime/graphs.py): the audio of the eager window decode.
 
 Without CUDA the buckets run eagerly, which checks everything but the capture: the
 padding of batches and windows, the gather of the generator windows, the masks.
@@ -7,20 +7,24 @@ With CUDA the graphs themselves are checked against the eager decode.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from decoder_gateway.codec import (
+    Decoder,
     Span,
     StreamingConfig,
-    StreamingSession,
     WindowGraphs,
-    decode_spans,
+    decode_pass,
     load_decoder,
 )
 from decoder_gateway.codec.runtime.graphs import LENGTH_STEP
 from devtools import GOLDEN_BICODEC
 
+GRAPHS_LOGGER = "decoder_gateway.codec.runtime.graphs"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -43,6 +47,27 @@ def chunk_spans(count: int, seed: int = 0) -> list[Span]:
     return spans
 
 
+@pytest.fixture
+def passes(caplog) -> Callable[[], tuple[int, int]]:
+    """How the graphed passes went so far, read from graphs.py's debug log: (passes a
+    bucket served, spans that went the eager window decode)."""
+    caplog.set_level(logging.DEBUG, logger=GRAPHS_LOGGER)
+
+    def count() -> tuple[int, int]:
+        records = [r for r in caplog.records if r.name == GRAPHS_LOGGER]
+        served = sum("served a pass" in r.getMessage() for r in records)
+        eager = sum(int(r.args[0]) for r in records if r.getMessage().startswith("eager"))
+        return served, eager
+
+    return count
+
+
+def graphed(decoder: Decoder, **options) -> tuple[Decoder, WindowGraphs]:
+    """A decoder of the same model whose window decodes go through bucketed graphs."""
+    graphs = WindowGraphs(decoder.model, capture=False, **options)
+    return Decoder(decoder.model, graphs=graphs), graphs
+
+
 def assert_same_audio(expected: list[torch.Tensor], got: list[torch.Tensor]) -> None:
     assert len(expected) == len(got)
     for x, y in zip(expected, got, strict=True):
@@ -51,43 +76,44 @@ def assert_same_audio(expected: list[torch.Tensor], got: list[torch.Tensor]) -> 
 
 
 @pytest.mark.parametrize("count", [1, 3, 7, 20])
-def test_buckets_give_the_eager_audio(decoder, count):
+def test_buckets_give_the_eager_audio(decoder, count, passes):
     spans = chunk_spans(count, seed=count)
-    graphs = WindowGraphs(decoder, capture=False)
-    assert_same_audio(decode_spans(decoder, spans), graphs.decode(spans))
-    assert graphs.eager_spans == 0 and graphs.replays >= 1
+    through, _ = graphed(decoder)
+    assert_same_audio(decode_pass(decoder.model, spans), through.decode_spans(spans))
+    served, eager = passes()
+    assert eager == 0 and served >= 1
 
 
 def test_a_bucket_is_reused_with_new_contents(decoder):
     """The same bucket twice: the second pass sees only its own spans."""
-    graphs = WindowGraphs(decoder, capture=False)
+    through, graphs = graphed(decoder)
     first, second = chunk_spans(3, seed=1), chunk_spans(3, seed=2)
-    graphs.decode(first)
+    through.decode_spans(first)
     buckets = len(graphs._buckets)
-    assert_same_audio(decode_spans(decoder, second), graphs.decode(second))
+    assert_same_audio(decode_pass(decoder.model, second), through.decode_spans(second))
     assert len(graphs._buckets) == buckets
 
 
-def test_long_windows_and_full_buckets_go_eager(decoder):
+def test_long_windows_and_full_buckets_go_eager(decoder, passes):
     g = torch.Generator().manual_seed(3)
     whole = torch.randint(0, 8192, (400,), generator=g)
     voice = torch.randint(0, 4096, (32,), generator=g)
     long_span = Span(whole, voice, 0, 400)  # a whole utterance: longer than max_tokens
-    graphs = WindowGraphs(decoder, capture=False, max_tokens=8 * LENGTH_STEP, max_graphs=1)
-    assert_same_audio(decode_spans(decoder, [long_span]), graphs.decode([long_span]))
-    assert graphs.eager_spans == 1
-    graphs.decode(chunk_spans(1))  # takes the one bucket allowed
+    through, graphs = graphed(decoder, max_tokens=8 * LENGTH_STEP, max_graphs=1)
+    assert_same_audio(decode_pass(decoder.model, [long_span]), through.decode_spans([long_span]))
+    assert passes()[1] == 1
+    through.decode_spans(chunk_spans(1))  # takes the one bucket allowed
     other = chunk_spans(9, seed=4)  # another bucket shape: eager
-    assert_same_audio(decode_spans(decoder, other), graphs.decode(other))
+    assert_same_audio(decode_pass(decoder.model, other), through.decode_spans(other))
     assert len(graphs._buckets) == 1
 
 
-def test_streams_through_the_buckets_get_their_audio(decoder, monkeypatch):
+def test_streams_through_the_buckets_get_their_audio(decoder, passes):
     """A decoder with graphs serves streaming sessions by window decodes: the same
     audio as the stream-state path."""
 
-    def stream(semantic: list[int], voice: torch.Tensor) -> torch.Tensor:
-        session = StreamingSession(decoder, voice, StreamingConfig())
+    def stream(decoder: Decoder, semantic: list[int], voice: torch.Tensor) -> torch.Tensor:
+        session = decoder.open_stream(voice, StreamingConfig())
         out = []
         for i in range(0, len(semantic), 3):
             session.push(semantic[i : i + 3])
@@ -103,25 +129,24 @@ def test_streams_through_the_buckets_get_their_audio(decoder, monkeypatch):
     g = torch.Generator().manual_seed(6)
     semantic = torch.randint(0, 8192, (150,), generator=g).tolist()
     voice = torch.randint(0, 4096, (32,), generator=g)
-    plain = stream(semantic, voice)
-    graphs = WindowGraphs(decoder, capture=False)
-    monkeypatch.setattr(decoder, "graphs", graphs)
-    graphed = stream(semantic, voice)
-    assert graphed.shape == plain.shape == (320 * 150,)
-    assert (graphed - plain).abs().max() <= 1e-5
-    assert graphs.replays > 5
+    plain = stream(decoder, semantic, voice)
+    through, _ = graphed(decoder)
+    replayed = stream(through, semantic, voice)
+    assert replayed.shape == plain.shape == (320 * 150,)
+    assert (replayed - plain).abs().max() <= 1e-5
+    assert passes()[0] > 5
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_replay_the_eager_audio(dtype):
-    model = load_decoder(GOLDEN_BICODEC, device="cuda", dtype=dtype)
-    graphs = WindowGraphs(model)
-    assert graphs.capture
+    decoder = load_decoder(GOLDEN_BICODEC, device="cuda", dtype=dtype, cuda_graphs=True)
+    graphs = decoder.graphs
+    assert graphs is not None and graphs.capture
     for seed, count in ((1, 1), (2, 3), (3, 16), (4, 3)):  # seed 4: bucket of seed 2 again
         spans = chunk_spans(count, seed)
-        expected = decode_spans(model, spans)
-        got = graphs.decode(spans)
+        expected = decode_pass(decoder.model, spans)
+        got = decoder.decode_spans(spans)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
         for x, y in zip(expected, got, strict=True):
             assert x.shape == y.shape and (x - y).abs().max() <= tolerance

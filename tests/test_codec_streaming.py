@@ -4,12 +4,16 @@ Every test drives a session the way the gateway does: ``plan()``, then
 ``decoder.decode_spans`` of the planned spans, then ``complete()`` in order
 (:func:`run_chunks`). The planned spans carry the session's decode state
 (:mod:`decoder_gateway.codec.runtime.incremental`); the same spans without it take the plain
-window decode, which every chunk must match.
+window decode, which every chunk must match. A span that its stream's state cannot
+serve is logged as decoded by its plain window (:func:`stream_fallbacks` counts them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import pytest
 import torch
 
 from decoder_gateway.codec import (
-    BiCodecDecoder,
+    Decoder,
     PlannedChunk,
     Span,
     StreamingConfig,
@@ -32,7 +36,7 @@ HOP = 320
 
 
 @pytest.fixture(scope="module")
-def decoder() -> BiCodecDecoder:
+def decoder() -> Decoder:
     return load_decoder(GOLDEN)
 
 
@@ -52,31 +56,63 @@ def window_spans(chunks: list[PlannedChunk]) -> list[Span]:
     return [replace(chunk.span, stream=None) for chunk in chunks]
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "plain window" in record.getMessage():
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def stream_fallbacks() -> Iterator[list[logging.LogRecord]]:
+    """The stream spans decoded as plain windows while the block runs (their stream's
+    state could not serve them), as the stream-state decode logs them."""
+    logger = logging.getLogger("decoder_gateway.codec.runtime.incremental")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def fell_back() -> Iterator[list[logging.LogRecord]]:
+    with stream_fallbacks() as records:
+        yield records
+
+
 def run_chunks(
-    session: StreamingSession, chunks: list[PlannedChunk], plain: bool = False
+    decoder: Decoder, session: StreamingSession, chunks: list[PlannedChunk], plain: bool = False
 ) -> list[torch.Tensor]:
     """Decode planned chunks in one batch and complete them, as the gateway's worker does."""
     spans = window_spans(chunks) if plain else [chunk.span for chunk in chunks]
-    audio = session.decoder.decode_spans(spans)
+    audio = decoder.decode_spans(spans)
     return [session.complete(chunk, samples) for chunk, samples in zip(chunks, audio, strict=True)]
 
 
 def _stream(decoder, semantic, global_tokens, config, max_push, seed=0, plain=False):
-    session = StreamingSession(decoder, global_tokens, config)
+    session = decoder.open_stream(global_tokens, config)
     rng = random.Random(seed)
     chunks, position, first_audio_at = [], 0, None
-    while position < len(semantic):
-        size = rng.randint(1, max_push)
-        session.push(semantic[position : position + size])
-        position += size
-        ready = run_chunks(session, session.plan(), plain)
-        if ready and first_audio_at is None:
-            first_audio_at = position
-        chunks += ready
-    session.finish()
-    chunks += run_chunks(session, session.plan(), plain)
+    with stream_fallbacks() as fell_back:
+        while position < len(semantic):
+            size = rng.randint(1, max_push)
+            session.push(semantic[position : position + size])
+            position += size
+            ready = run_chunks(decoder, session, session.plan(), plain)
+            if ready and first_audio_at is None:
+                first_audio_at = position
+            chunks += ready
+        session.finish()
+        chunks += run_chunks(decoder, session, session.plan(), plain)
     assert session.done
-    assert session.stream.fallbacks == 0  # every span came from the stream's state
+    assert len(fell_back) == 0  # every span came from the stream's state
     return chunks, first_audio_at
 
 
@@ -126,15 +162,15 @@ def test_zero_lookahead_stream_ends_with_its_held_tail(decoder, cases):
     tail; when finish() follows, that tail is still owed and must be planned."""
     c = cases[0]
     semantic, voice = c["semantic"][0][:10], c["global"][0, 0]
-    session = StreamingSession(decoder, voice, StreamingConfig(first_lookahead_tokens=0))
+    session = decoder.open_stream(voice, StreamingConfig(first_lookahead_tokens=0))
     session.push(semantic)
-    audio = run_chunks(session, session.plan())
+    audio = run_chunks(decoder, session, session.plan())
     assert sum(part.numel() for part in audio) == HOP * 10 - 320  # the tail is held back
     session.finish()
     assert not session.done
     last = session.plan()
     assert len(last) == 1 and last[0].final
-    audio += run_chunks(session, last)
+    audio += run_chunks(decoder, session, last)
     assert session.done and session.plan() == []
     streamed, full = torch.cat(audio), decoder.decode(semantic, voice)
     assert streamed.shape == full.shape == (HOP * 10,)
@@ -144,7 +180,7 @@ def test_zero_lookahead_stream_ends_with_its_held_tail(decoder, cases):
 
 def test_max_lookahead_zero_means_none(decoder, cases):
     config = StreamingConfig(first_lookahead_tokens=4, max_lookahead_tokens=0)
-    session = StreamingSession(decoder, cases[0]["global"][0, 0], config)
+    session = decoder.open_stream(cases[0]["global"][0, 0], config)
     assert session.chunk_after(0) == (10, 0)
     assert all(session.chunk_after(start)[1] == 0 for start in (10, 50, 300))
     with pytest.raises(ValueError, match="max_lookahead_tokens"):
@@ -152,7 +188,7 @@ def test_max_lookahead_zero_means_none(decoder, cases):
 
 
 def test_stream_rejects_bad_tokens_and_misuse(decoder, cases):
-    session = StreamingSession(decoder, cases[0]["global"][0, 0])
+    session = decoder.open_stream(cases[0]["global"][0, 0])
     with pytest.raises(ValueError, match="outside"):
         session.push([8192])
     with pytest.raises(ValueError, match="empty"):
@@ -162,12 +198,12 @@ def test_stream_rejects_bad_tokens_and_misuse(decoder, cases):
     with pytest.raises(RuntimeError):
         session.push([3])
     with pytest.raises(ValueError, match="32 global tokens"):
-        StreamingSession(decoder, [1, 2, 3])
+        decoder.open_stream([1, 2, 3])
 
 
 def test_streams_of_several_sessions_batch_together(decoder, cases):
     """Chunks planned by different sessions decode in one batch, as the gateway does."""
-    sessions = [StreamingSession(decoder, c["global"][0, 0]) for c in cases]
+    sessions = [decoder.open_stream(c["global"][0, 0]) for c in cases]
     outputs: list[list[torch.Tensor]] = [[] for _ in cases]
     longest = max(c["semantic"].shape[1] for c in cases)
     for position in range(0, longest + 1, 3):
@@ -185,7 +221,7 @@ def test_streams_of_several_sessions_batch_together(decoder, cases):
     for session, c, out in zip(sessions, cases, outputs, strict=True):
         if not session.done:
             session.finish()
-            out += run_chunks(session, session.plan())
+            out += run_chunks(decoder, session, session.plan())
         solo = torch.cat(_stream(decoder, c["semantic"][0], c["global"][0, 0], None, 3)[0])
         assert torch.cat(out).shape == solo.shape
         assert (torch.cat(out) - solo).abs().max() <= 1e-5
@@ -233,7 +269,7 @@ class ExactnessTracker:
         self.last_exact = False  # whether the last chunk so far decoded exactly
 
     def add(self, chunk: PlannedChunk, out: torch.Tensor) -> None:
-        span, field = chunk.span, self.session.decoder.receptive_field
+        span, field = chunk.span, self.session.model.receptive_field
         kept = 0 if chunk.final else self.session.crossfade
         end_sample = self.emitted + out.numel() + kept  # the chunk covers audio up to here
         assert end_sample % HOP == 0
@@ -250,7 +286,7 @@ class ExactnessTracker:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
+def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
     """Random settings, length and arrival (pushes of 1..N tokens, plan and decode at
     random times, chunks still waiting at finish, so a batch may hold several chunks
     of the stream): 320 samples per token, every chunk as the window decode gives it,
@@ -258,7 +294,7 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     rng = random.Random(seed)
     config = random_config(rng)
     voice = [rng.randrange(4096) for _ in range(32)]
-    session = StreamingSession(decoder, voice, config)
+    session = decoder.open_stream(voice, config)
     if rng.random() < 0.5:
         length = rng.choice([rng.randint(1, 12), rng.randint(1, 80), rng.randint(1, 300)])
     else:  # ends where a chunk does: a chunk without look-ahead then holds a tail at finish
@@ -297,7 +333,7 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     waiting += session.plan()
     decode_waiting()
     assert session.done and session.plan() == []
-    assert session.stream.fallbacks == 0, config
+    assert len(fell_back) == 0, config
 
     streamed, full = torch.cat(out), decoder.decode(semantic, voice)
     assert streamed.shape == full.shape == (HOP * length,), config
@@ -309,7 +345,7 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed):
     assert exact[-HOP:].all(), config
     error = (streamed - full).abs()
     assert error[exact].max() <= 1e-5, config
-    field = decoder.receptive_field
+    field = decoder.model.receptive_field
     if config.first_lookahead_tokens >= field and session.max_lookahead >= field:
         assert exact.all(), config  # look-ahead is the whole receptive field throughout
 
@@ -372,11 +408,11 @@ def test_approximate_chunks_recompute_only_their_own_samples(decoder, cases, mon
     of the approximate chunks (each with its re-decoded crossfade token), no more."""
     c = cases[2]
     semantic, voice = c["semantic"][0], c["global"][0, 0]
-    session = StreamingSession(decoder, voice)
+    session = decoder.open_stream(voice)
     approximate, start = 0, 0
     while True:
         end, lookahead = session.chunk_after(start)
-        if lookahead >= decoder.receptive_field:
+        if lookahead >= decoder.model.receptive_field:
             break
         approximate += end - max(0, start - 1)
         start = end
@@ -386,28 +422,28 @@ def test_approximate_chunks_recompute_only_their_own_samples(decoder, cases, mon
     assert HOP * len(semantic) < counts[id(last)] <= HOP * (len(semantic) + approximate)
 
 
-def test_a_span_decoded_out_of_order_falls_back_to_its_window(decoder, cases):
+def test_a_span_decoded_out_of_order_falls_back_to_its_window(decoder, cases, fell_back):
     """The state cannot go back: an earlier chunk decoded after a later one takes the
     plain window decode, with the same audio, and the stream carries on."""
     c = cases[2]
     semantic, voice = c["semantic"][0], c["global"][0, 0]
-    session = StreamingSession(decoder, voice)
+    session = decoder.open_stream(voice)
     session.push(semantic[:120])
     chunks = session.plan()
     assert len(chunks) >= 3
     expected = decoder.decode_spans(window_spans(chunks))
     later = decoder.decode_spans([chunks[1].span])[0]
     earlier = decoder.decode_spans([chunks[0].span])[0]
-    assert session.stream.fallbacks == 1
+    assert len(fell_back) == 1
     rest = decoder.decode_spans([chunk.span for chunk in chunks[2:]])
     for got, want in zip([earlier, later, *rest], expected, strict=True):
         assert (got - want).abs().max() <= 1e-5
-    assert session.stream.fallbacks == 1
+    assert len(fell_back) == 1
 
 
-def test_a_failed_batch_leaves_the_stream_state_as_it_was(decoder, cases):
+def test_a_failed_batch_leaves_the_stream_state_as_it_was(decoder, cases, fell_back):
     c = cases[1]
-    session = StreamingSession(decoder, c["global"][0, 0])
+    session = decoder.open_stream(c["global"][0, 0])
     session.push(c["semantic"][0][:60])
     chunks = session.plan()
     before = session.stream.state
@@ -418,7 +454,7 @@ def test_a_failed_batch_leaves_the_stream_state_as_it_was(decoder, cases):
     audio = decoder.decode_spans([chunk.span for chunk in chunks])
     for got, want in zip(audio, decoder.decode_spans(window_spans(chunks)), strict=True):
         assert (got - want).abs().max() <= 1e-5
-    assert session.stream.fallbacks == 0
+    assert len(fell_back) == 0
 
 
 # -- the first chunk chosen by time --------------------------------------------------
@@ -428,7 +464,7 @@ BUDGET = StreamingConfig(first_audio_budget_s=0.1)
 
 def _first_window(decoder, voice, semantic, rate: float) -> tuple[PlannedChunk, int]:
     """Push one token every 1/rate s; the first chunk and the tokens seen when planned."""
-    session = StreamingSession(decoder, voice, BUDGET)
+    session = decoder.open_stream(voice, BUDGET)
     for position, token in enumerate(semantic, start=1):
         session.push([token], at=1000.0 + (position - 1) / rate)
         chunks = session.plan()
@@ -446,18 +482,18 @@ def test_first_chunk_by_time_takes_what_arrives_within_the_budget(decoder, cases
     lookahead = window - BUDGET.first_chunk_tokens
     if rate * BUDGET.first_audio_budget_s < BUDGET.first_chunk_tokens:
         assert lookahead == 0  # too slow for the budget: the first chunk, at once
-    elif lookahead < decoder.receptive_field:
+    elif lookahead < decoder.model.receptive_field:
         # Its last token came within the budget; the next one would have come after it.
         assert (window - 1) / rate <= 0.1 + 1e-9 < window / rate + 1e-9
     else:
-        assert lookahead == decoder.receptive_field  # more would change nothing
+        assert lookahead == decoder.model.receptive_field  # more would change nothing
 
 
 def test_first_chunk_by_time_waits_for_a_rate(decoder, cases):
     """Tokens in one burst give no rate: the first chunk waits for the next push, or
     for the budget to pass."""
     c = cases[2]
-    session = StreamingSession(decoder, c["global"][0, 0], BUDGET)
+    session = decoder.open_stream(c["global"][0, 0], BUDGET)
     session.push(c["semantic"][0][:30], at=5.0)
     assert session.plan() == []
     session.push(c["semantic"][0][30:31], at=5.25)  # after the budget: take what is there
@@ -467,23 +503,25 @@ def test_first_chunk_by_time_waits_for_a_rate(decoder, cases):
 
 
 @pytest.mark.parametrize("rate", [50, 400])
-def test_stream_with_a_first_audio_budget_keeps_length_and_exact_end(decoder, cases, rate):
+def test_stream_with_a_first_audio_budget_keeps_length_and_exact_end(
+    decoder, cases, rate, fell_back
+):
     c = cases[2]
     semantic, voice = c["semantic"][0], c["global"][0, 0]
-    session = StreamingSession(decoder, voice, BUDGET)
+    session = decoder.open_stream(voice, BUDGET)
     out, window_ends = [], []
     for position, token in enumerate(semantic, start=1):
         session.push([token], at=(position - 1) / rate)
         chunks = session.plan()
         window_ends += [chunk.span.offset + chunk.span.semantic.numel() for chunk in chunks]
-        out += run_chunks(session, chunks)
+        out += run_chunks(decoder, session, chunks)
     session.finish()
-    out += run_chunks(session, session.plan())
+    out += run_chunks(decoder, session, session.plan())
     streamed, full = torch.cat(out), decoder.decode(semantic, voice)
     assert streamed.shape == full.shape
     assert window_ends == sorted(window_ends)  # look-ahead never shrinks
     assert (streamed[-HOP * 40 :] - full[-HOP * 40 :]).abs().max() <= 1e-5
-    assert session.stream.fallbacks == 0
+    assert len(fell_back) == 0
 
 
 def test_first_audio_budget_must_be_positive():

@@ -9,16 +9,21 @@ from dataclasses import replace
 import pytest
 import torch
 
-from decoder_gateway.codec import Span, StreamingSession, load_decoder
-from decoder_gateway.codec.runtime.batching import span_cost
+from decoder_gateway.codec import Decoder, Span, StreamingSession, load_decoder
 from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.errors import DecoderError
+from decoder_gateway.metrics import Metrics
 from devtools.gateway_server import GOLDEN_BICODEC
 
 
 @pytest.fixture(scope="module")
 def decoder():
     return load_decoder(GOLDEN_BICODEC)
+
+
+def batches_decoded(metrics: Metrics) -> float:
+    """Decoder passes the worker has run, from its batch-size histogram."""
+    return metrics.registry.get_sample_value("tts_decoder_batch_spans_count") or 0.0
 
 
 def span(decoder, length: int, seed: int) -> Span:
@@ -28,22 +33,25 @@ def span(decoder, length: int, seed: int) -> Span:
 
 
 async def test_batches_equal_single_decodes(decoder):
-    worker = DecodeWorker(decoder, max_batch=8)
+    metrics = Metrics()
+    worker = DecodeWorker(decoder, max_batch=8, metrics=metrics)
     worker.start()
     try:
         spans = [span(decoder, n, i) for i, n in enumerate((12, 30, 7, 50))]
         results = await asyncio.gather(*(worker.decode([s]) for s in spans))
         for s, (audio,) in zip(spans, results, strict=True):
             assert (audio - decoder.decode_spans([s])[0]).abs().max() <= 1e-5
-        assert worker.batches < len(spans)  # some went together
+        assert batches_decoded(metrics) < len(spans)  # some went together
     finally:
         await worker.close()
 
 
-async def test_streams_share_batches_and_keep_their_audio(decoder):
+async def test_streams_share_batches_and_keep_their_audio(decoder, caplog):
     """Chunks of concurrent streams, each span carrying its session's decode state,
     go through shared batches with the audio of their plain window decodes."""
-    worker = DecodeWorker(decoder, max_batch=8)
+    caplog.set_level("DEBUG", logger="decoder_gateway.codec.runtime.incremental")
+    metrics = Metrics()
+    worker = DecodeWorker(decoder, max_batch=8, metrics=metrics)
     worker.start()
     g = torch.Generator().manual_seed(5)
     voices = [torch.randint(0, 4096, (32,), generator=g) for _ in range(3)]
@@ -65,10 +73,11 @@ async def test_streams_share_batches_and_keep_their_audio(decoder):
         assert session.done
 
     try:
-        sessions = [StreamingSession(decoder, voice) for voice in voices]
+        sessions = [worker.open_stream(voice) for voice in voices]
         await asyncio.gather(*(stream(s, t) for s, t in zip(sessions, texts, strict=True)))
-        assert worker.batches < len(decoded)  # streams went together
-        assert all(session.stream.fallbacks == 0 for session in sessions)
+        assert batches_decoded(metrics) < len(decoded)  # streams went together
+        # No span of any session fell back to its plain window: all came from the state.
+        assert not [r for r in caplog.records if "plain window" in r.getMessage()]
         plain = decoder.decode_spans([replace(span, stream=None) for span, _ in decoded])
         for (_, samples), expected in zip(decoded, plain, strict=True):
             assert (samples - expected).abs().max() <= 1e-5
@@ -80,6 +89,7 @@ async def test_a_batch_holds_what_fits_the_budget(decoder, monkeypatch):
     """Jobs queued behind a busy worker go in batches of at most the decoder's
     budget of generator tokens (one job alone when it is bigger)."""
     batches: list[list[Span]] = []
+    decoder = Decoder(decoder.model, batch_tokens=40)
     decode = decoder.decode_spans
 
     def recording(spans):
@@ -87,7 +97,6 @@ async def test_a_batch_holds_what_fits_the_budget(decoder, monkeypatch):
         return decode(spans)
 
     monkeypatch.setattr(decoder, "decode_spans", recording)
-    monkeypatch.setattr(decoder, "batch_tokens", 40)
     worker = DecodeWorker(decoder, max_batch=64)
     worker.start()
     try:
@@ -97,7 +106,7 @@ async def test_a_batch_holds_what_fits_the_budget(decoder, monkeypatch):
         queued = [worker.decode([span(decoder, n, i)]) for i, n in enumerate(lengths)]
         results = await asyncio.gather(busy, *queued)
         assert [len(audio[0]) for audio in results[1:]] == [320 * n for n in lengths]
-        costs = [[span_cost(s, decoder.generator_context) for s in b] for b in batches[1:]]
+        costs = [[decoder.cost([s]) for s in b] for b in batches[1:]]
         assert sorted(c for batch in costs for c in batch) == sorted(lengths)
         assert all(sum(batch) <= 40 or len(batch) == 1 for batch in costs)
         assert any(len(batch) > 1 for batch in costs)  # small ones still went together

@@ -18,6 +18,7 @@ import requests
 import websockets
 
 from decoder_gateway.audio.pcm import to_pcm16
+from decoder_gateway.client import SpeechSocket
 from decoder_gateway.codec import load_decoder
 from decoder_gateway.llm.client import prompt_token_bound
 from decoder_gateway.llm.prompt import speaker_prompt
@@ -25,7 +26,6 @@ from decoder_gateway.text import split_segments
 from decoder_gateway.voices.catalog import VoiceCatalog
 from devtools.gateway_server import GOLDEN_BICODEC
 from devtools.standin_llm import expected_semantic_tokens
-from devtools.ws_frames import receive_until_end
 
 VOICES = VoiceCatalog.load()
 SAMPLES_PER_TOKEN = 320
@@ -345,8 +345,7 @@ def test_wrong_number_of_generated_globals_is_an_error(make_gateway, llm, free_v
 
 async def ws_exchange(ws, message: dict) -> tuple[list[dict], bytes]:
     """Send one message; collect JSON frames and audio until end or error."""
-    await ws.send(json.dumps(message))
-    return await receive_until_end(ws)
+    return await SpeechSocket(ws, timeout_s=30.0).exchange(message)
 
 
 async def test_ws_several_messages_on_one_connection(gateway, llm):

@@ -290,9 +290,11 @@ async def test_a_consumer_that_stops_pulling_is_bounded_and_closing_aborts_upstr
         # Generation paused: the upstream request is still open, the buffer is full.
         stats = await llm_server.astats()
         assert stats["running"] == 1
-        decoded_while_paused = worker.spans_decoded
+        # Spans decoded so far: the sum of the worker's batch-size histogram.
+        spans_decoded = "tts_decoder_batch_spans_sum"
+        decoded_while_paused = metrics.registry.get_sample_value(spans_decoded)
         await asyncio.sleep(0.5)
-        assert worker.spans_decoded == decoded_while_paused  # nothing more decoded
+        assert metrics.registry.get_sample_value(spans_decoded) == decoded_while_paused  # no more
         assert service.slots.active == 1
         await stream.aclose()
         assert slot_freed_after_abort == [True]

@@ -21,8 +21,8 @@ import pytest
 import requests
 import websockets
 
+from decoder_gateway.client import SpeechSocket
 from devtools.process import HOST
-from devtools.ws_frames import receive_until_end
 
 SAMPLES_PER_TOKEN = 320
 BYTES_PER_TOKEN = 2 * SAMPLES_PER_TOKEN
@@ -137,7 +137,7 @@ async def test_sigterm_lets_a_running_websocket_synthesis_finish(make_gateway, l
         idle_closed = asyncio.create_task(_closed_at(idle))
 
         await asyncio.to_thread(wait_refused, gateway.port)
-        frames, audio = await receive_until_end(busy)
+        frames, audio = await SpeechSocket(busy, timeout_s=30.0).exchange()
         ended = time.monotonic()
         assert frames[-1]["type"] == "end"
         assert len(audio) == TOKENS * BYTES_PER_TOKEN
@@ -168,7 +168,7 @@ async def test_a_synthesis_asked_for_while_draining_is_refused(make_gateway, llm
         refusal = json.loads(await asyncio.wait_for(late.recv(), timeout=10))
         assert refusal["type"] == "error" and refusal["code"] == "shutting_down"
         assert refusal["segment_id"] == 7
-        frames, audio = await receive_until_end(busy)
+        frames, audio = await SpeechSocket(busy, timeout_s=30.0).exchange()
         ended = time.monotonic()
         assert frames[-1]["type"] == "end" and len(audio) == TOKENS * BYTES_PER_TOKEN
         _, late_code = await _closed_at(late)

@@ -1,4 +1,4 @@
-"""Segmentation of text that arrives in fragments (decoder_gateway.text.SegmentStream)."""
+"""Segmentation of text that arrives in fragments (decoder_gateway.text.TextSegmenter)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,23 @@ import time
 
 import pytest
 
-from decoder_gateway.text import SegmentStream, split_segments
+from decoder_gateway.text import TextSegmenter, split_segments
 
 
 def _stream(fragments: list[str], max_chars: int, trim_at: int | None = None) -> list[str]:
     """Feed ``fragments`` one by one and flush; check ``buffered`` after every feed."""
-    stream = SegmentStream(max_chars)
+    segmenter = TextSegmenter(max_chars)
     if trim_at is not None:
-        stream._trim_at = trim_at  # exercise dropping released text from the buffer
+        segmenter._trim_at = trim_at  # exercise dropping released text from the buffer
     segments: list[str] = []
     received = ""
     for fragment in fragments:
-        segments += stream.feed(fragment)
+        segments += segmenter.feed(fragment)
         received += fragment
         # What is held is raw text that arrived last.
-        assert received.endswith(stream.buffered), (received, stream.buffered)
-        assert stream.buffered_chars == len(stream.buffered)
-    segments += stream.flush()
-    assert stream.buffered == ""
+        assert received.endswith(segmenter.buffered), (received, segmenter.buffered)
+    segments += segmenter.flush()
+    assert segmenter.buffered == ""
     return segments
 
 
@@ -169,23 +168,23 @@ def test_every_line_break_of_splitlines() -> None:
     breaks = [chr(cp) for cp in range(0x10000) if len(f"a{chr(cp)}b".splitlines()) == 2]
     assert len(breaks) == 10
     for line_break in breaks:
-        stream = SegmentStream()
-        assert stream.feed(f"One{line_break}") == ["One"]
-        assert stream.feed(f"Two{line_break}") == ["Two"]
+        segmenter = TextSegmenter()
+        assert segmenter.feed(f"One{line_break}") == ["One"]
+        assert segmenter.feed(f"Two{line_break}") == ["Two"]
 
 
 # --- early release -------------------------------------------------------------------
 
 
 def test_sentence_released_when_the_next_word_confirms_it() -> None:
-    stream = SegmentStream()
-    assert stream.feed("Hello there.") == []
-    assert stream.feed(" ") == []
-    assert stream.feed("How") == ["Hello there."]
-    assert stream.buffered == "How"
-    assert stream.buffered_chars == 3
-    assert stream.feed(" are you?") == []
-    assert stream.flush() == ["How are you?"]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Hello there.") == []
+    assert segmenter.feed(" ") == []
+    assert segmenter.feed("How") == ["Hello there."]
+    assert segmenter.buffered == "How"
+    assert len(segmenter.buffered) == 3
+    assert segmenter.feed(" are you?") == []
+    assert segmenter.flush() == ["How are you?"]
 
 
 @pytest.mark.parametrize(
@@ -204,97 +203,97 @@ def test_sentence_released_when_the_next_word_confirms_it() -> None:
     ],
 )
 def test_nothing_released_while_the_sentence_may_continue(text: str) -> None:
-    stream = SegmentStream()
-    assert stream.feed(text) == []
-    assert stream.buffered == text
+    segmenter = TextSegmenter()
+    assert segmenter.feed(text) == []
+    assert segmenter.buffered == text
 
 
 def test_buffered_is_the_raw_text_held() -> None:
-    stream = SegmentStream()
-    assert stream.feed("Dr.\u00a0Oke\u200bllo  saw") == []
-    assert stream.buffered == "Dr.\u00a0Oke\u200bllo  saw"
-    assert stream.feed(" him.\t\tThen") == ["Dr. Okello saw him."]
-    assert stream.buffered == "Then"
-    assert stream.buffered_chars == 4
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Dr.\u00a0Oke\u200bllo  saw") == []
+    assert segmenter.buffered == "Dr.\u00a0Oke\u200bllo  saw"
+    assert segmenter.feed(" him.\t\tThen") == ["Dr. Okello saw him."]
+    assert segmenter.buffered == "Then"
+    assert len(segmenter.buffered) == 4
 
 
 def test_release_after_abbreviation_that_ends_the_sentence() -> None:
-    stream = SegmentStream()
-    assert stream.feed("We met at 10 a.m. Then") == ["We met at 10 a.m."]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("We met at 10 a.m. Then") == ["We met at 10 a.m."]
 
 
 def test_line_break_releases_at_once() -> None:
-    stream = SegmentStream()
-    assert stream.feed("Hello") == []
-    assert stream.feed("\n") == ["Hello"]
-    assert stream.buffered == ""
-    assert stream.feed("\r") == []
-    assert stream.feed("World\r") == ["World"]
-    assert stream.feed("\n") == []
-    assert stream.flush() == []
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Hello") == []
+    assert segmenter.feed("\n") == ["Hello"]
+    assert segmenter.buffered == ""
+    assert segmenter.feed("\r") == []
+    assert segmenter.feed("World\r") == ["World"]
+    assert segmenter.feed("\n") == []
+    assert segmenter.flush() == []
 
 
 def test_scripts_without_spaces_release_at_the_next_character() -> None:
-    stream = SegmentStream()
-    assert stream.feed("你好。") == []
-    assert stream.feed("我很") == ["你好。"]
-    assert stream.feed("好！你") == ["我很好！"]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("你好。") == []
+    assert segmenter.feed("我很") == ["你好。"]
+    assert segmenter.feed("好！你") == ["我很好！"]
 
 
 def test_punctuation_only_piece_is_held_until_decided() -> None:
-    stream = SegmentStream()
+    segmenter = TextSegmenter()
     # "—" may merge into "Hello." (rule 4): nothing is certain yet.
-    assert stream.feed("Hello. — ") == []
-    assert stream.feed("and") == []  # "— and" is one sentence with letters: no merge
-    assert stream.feed(" more. Bye") == ["Hello.", "— and more."]
-    assert stream.flush() == ["Bye"]
+    assert segmenter.feed("Hello. — ") == []
+    assert segmenter.feed("and") == []  # "— and" is one sentence with letters: no merge
+    assert segmenter.feed(" more. Bye") == ["Hello.", "— and more."]
+    assert segmenter.flush() == ["Bye"]
     # "?!" opens the next sentence; a long enough sentence could be cut right after
     # it, and "?!" would then merge into "Hello.": held until that sentence ends.
-    stream = SegmentStream()
-    assert stream.feed("Hello. ?! Bye") == []
-    assert stream.feed(" now. So") == ["Hello.", "?! Bye now."]
-    stream = SegmentStream(max_chars=20)
-    assert stream.feed("Hello. ?! " + "x" * 30) == ["Hello. ?!", "x" * 20]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Hello. ?! Bye") == []
+    assert segmenter.feed(" now. So") == ["Hello.", "?! Bye now."]
+    segmenter = TextSegmenter(max_chars=20)
+    assert segmenter.feed("Hello. ?! " + "x" * 30) == ["Hello. ?!", "x" * 20]
 
 
 def test_punctuation_only_line_waits_for_the_next_line() -> None:
-    stream = SegmentStream()
-    assert stream.feed("Hello.\n***\n") == ["Hello."]
-    assert stream.buffered == "***\n"
-    assert stream.feed("World. ") == []
-    assert stream.feed("Bye") == ["*** World."]
-    assert stream.flush() == ["Bye"]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Hello.\n***\n") == ["Hello."]
+    assert segmenter.buffered == "***\n"
+    assert segmenter.feed("World. ") == []
+    assert segmenter.feed("Bye") == ["*** World."]
+    assert segmenter.flush() == ["Bye"]
 
 
 def test_combining_mark_in_a_later_fragment() -> None:
-    stream = SegmentStream()
-    assert stream.feed("Cafe") == []
-    assert stream.feed("\u0301. Next") == ["Café."]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Cafe") == []
+    assert segmenter.feed("\u0301. Next") == ["Café."]
     # The mark arrives after the word that decides whether "..." ends the sentence.
-    stream = SegmentStream()
-    assert stream.feed("Wait... e") == []
-    assert stream.feed("\u0301") == []
-    assert stream.flush() == ["Wait... é"]
-    stream = SegmentStream()
-    assert stream.feed("Wait... E") == []  # "E" may still become "É": not decided
-    assert stream.feed("\u0301") == []
-    assert stream.feed("t") == ["Wait..."]
-    assert stream.flush() == ["Ét"]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Wait... e") == []
+    assert segmenter.feed("\u0301") == []
+    assert segmenter.flush() == ["Wait... é"]
+    segmenter = TextSegmenter()
+    assert segmenter.feed("Wait... E") == []  # "E" may still become "É": not decided
+    assert segmenter.feed("\u0301") == []
+    assert segmenter.feed("t") == ["Wait..."]
+    assert segmenter.flush() == ["Ét"]
 
 
 def test_long_sentence_released_before_it_ends() -> None:
-    stream = SegmentStream(max_chars=300)
+    segmenter = TextSegmenter(max_chars=300)
     text = " ".join(["kigambo"] * 125)  # 999 characters, no punctuation
     released: list[str] = []
     arrived = 0
     for ch in text:
-        released += stream.feed(ch)
+        released += segmenter.feed(ch)
         arrived += 1
         if released:
             break
     assert released and arrived < 320  # the first piece once 302 characters are in
     assert len(released[0]) <= 300
-    rest = stream.feed(text[arrived:]) + stream.flush()
+    rest = segmenter.feed(text[arrived:]) + segmenter.flush()
     assert released + rest == split_segments(text, max_chars=300)
     assert len(released + rest) == 4
 
@@ -302,14 +301,14 @@ def test_long_sentence_released_before_it_ends() -> None:
 def test_long_sentence_with_clauses_released_piece_by_piece() -> None:
     clause = "abantu bangi baagenze mu katale okugula emmere"
     text = ", ".join([clause] * 21) + ". Webale."
-    stream = SegmentStream(max_chars=100)
+    segmenter = TextSegmenter(max_chars=100)
     times: list[int] = []
     segments: list[str] = []
     for index, ch in enumerate(text):
-        new = stream.feed(ch)
+        new = segmenter.feed(ch)
         times += [index] * len(new)
         segments += new
-    segments += stream.flush()
+    segments += segmenter.flush()
     assert segments == split_segments(text, max_chars=100)
     assert len(times) >= len(segments) - 2
     assert times == sorted(times) and times[0] < 110
@@ -317,24 +316,24 @@ def test_long_sentence_with_clauses_released_piece_by_piece() -> None:
 
 @pytest.mark.parametrize("text", ["", " ", "\n\n", "\t \u00a0", "\ufeff\u200b"])
 def test_flush_of_nothing_speakable(text: str) -> None:
-    stream = SegmentStream()
-    assert stream.feed(text) == []
-    assert stream.flush() == []
-    assert stream.flush() == []
-    assert stream.buffered_chars == 0
+    segmenter = TextSegmenter()
+    assert segmenter.feed(text) == []
+    assert segmenter.flush() == []
+    assert segmenter.flush() == []
+    assert segmenter.buffered == ""
 
 
 def test_stream_is_reusable_after_flush() -> None:
-    stream = SegmentStream(max_chars=40)
-    assert stream.feed("First one. Sec") == ["First one."]
-    assert stream.flush() == ["Sec"]
-    assert stream.feed("Again") == []
-    assert stream.flush() == ["Again"]
+    segmenter = TextSegmenter(max_chars=40)
+    assert segmenter.feed("First one. Sec") == ["First one."]
+    assert segmenter.flush() == ["Sec"]
+    assert segmenter.feed("Again") == []
+    assert segmenter.flush() == ["Again"]
 
 
 def test_invalid_max_chars() -> None:
     with pytest.raises(ValueError):
-        SegmentStream(max_chars=0)
+        TextSegmenter(max_chars=0)
 
 
 # --- cost ----------------------------------------------------------------------------
@@ -346,9 +345,9 @@ def test_one_character_at_a_time_is_cheap(max_chars: int) -> None:
     text = _random_text(rng, 2000).replace("\n", " ")[:5000]  # one long line
     text += " " + " ".join(["kigambo"] * 200)  # and a long sentence at its end
     assert len(text) > 5000
-    stream = SegmentStream(max_chars)
+    segmenter = TextSegmenter(max_chars)
     started = time.perf_counter()
-    segments = [segment for ch in text for segment in stream.feed(ch)] + stream.flush()
+    segments = [segment for ch in text for segment in segmenter.feed(ch)] + segmenter.flush()
     elapsed = time.perf_counter() - started
     assert segments == split_segments(text, max_chars=max_chars)
     assert elapsed < 1.0, elapsed

@@ -14,7 +14,7 @@ from devtools.vllm_server import VllmServer
 
 pytestmark = pytest.mark.vllm
 
-VOICES = Path(__file__).resolve().parents[1] / "decoder_gateway" / "voices.json"
+VOICES = Path(__file__).resolve().parents[1] / "decoder_gateway" / "voices" / "voices.json"
 STOP_IDS = [tiny.END_SEMANTIC_ID, tiny.IM_END_ID]
 
 

@@ -1,4 +1,9 @@
-"""Request records, seeded texts, wire helpers, and the normal HTTP / WebSocket clients."""
+"""Request records, seeded texts, wire helpers, and the normal HTTP / WebSocket clients.
+
+Ordinary requests go through the package's :class:`~decoder_gateway.client.GatewayClient`;
+what only a fault test does (raw sockets, hand-made frames) is built here from the wire
+helpers.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +20,28 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.typing import Origin
-
 from decoder_gateway.api.protocol import SAMPLE_RATE
+from decoder_gateway.client import (
+    OPENAI_SPEECH_PATH,
+    SPEECH_STREAM_PATH,
+    SPEECH_WS_PATH,
+    ClientError,
+    ConnectFailed,
+    GatewayClient,
+    ReplyTimeout,
+    ServerError,
+    SpeechResponse,
+    SpeechSocket,
+    StreamBroken,
+    TextInSocket,
+)
 from decoder_gateway.settings import Settings as GatewaySettings
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices.catalog import VoiceCatalog
 from devtools.paths import GOLDEN_SPEAKER
 
 T = TypeVar("T")
+S = TypeVar("S", SpeechSocket, TextInSocket)
 
 
 def gateway_default(name: str) -> Any:
@@ -39,11 +54,9 @@ BYTES_PER_TOKEN = 2 * SAMPLE_RATE // 50  # PCM16 of one semantic token (50 per s
 STANDIN_MODEL = "spark-tts"
 STANDIN_TOKENS_PER_WORD = 10
 VLLM_SEMANTIC_LENGTH = 60
-HTTP_PATH = "/v1/audio/speech/stream"
-OPENAI_PATH = "/v1/audio/speech"
-WS_PATH = "/v1/audio/speech/stream/ws"
-TEXT_IN_PATH = "/v1/audio/speech/stream"  # the streaming-text WebSocket (voice agents)
-VOICES_PATH = "/v1/audio/voices"  # the voice library (cloning)
+HTTP_PATH = SPEECH_STREAM_PATH
+OPENAI_PATH = OPENAI_SPEECH_PATH
+WS_PATH = SPEECH_WS_PATH
 # Reference clips the library client clones (the speaker encoder's golden clips).
 CLIPS = sorted((GOLDEN_SPEAKER / "clips").glob("*.wav"))
 # The gateway's defaults (the run leaves them as they are, SEGMENT_LOOKAHEAD set explicitly).
@@ -336,11 +349,10 @@ def slow_client_count(text: str, transport: str) -> int:
 async def read_metrics_async(url: str) -> str | None:
     """``GET /metrics`` of the gateway (None when it does not answer 200)."""
     try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            response = await client.get(f"{url}/metrics")
-    except httpx.HTTPError:
+        async with GatewayClient(url, timeout_s=10.0) as client:
+            return await client.metrics()
+    except ClientError:
         return None
-    return response.text if response.status_code == 200 else None
 
 
 # --------------------------------------------------------------------------------------
@@ -350,12 +362,12 @@ async def read_metrics_async(url: str) -> str | None:
 class Clients:
     """HTTP and WebSocket requests, classified; the normal clients' loops."""
 
-    def __init__(self, settings: RunSettings, url: str, ws_url: str, port: int, llm_kind: str):
+    def __init__(self, settings: RunSettings, url: str, port: int, llm_kind: str):
         self.s = settings
         self.url = url
-        self.http_url = f"{url}{HTTP_PATH}"
-        self.ws_url = f"{ws_url}{WS_PATH}"
-        self.text_in_url = f"{ws_url}{TEXT_IN_PATH}"
+        # The WebSocket sessions' client: no limit per frame, as each request is bounded
+        # as a whole (:meth:`bounded`); it opens no HTTP pool.
+        self.sockets = GatewayClient(url, timeout_s=None, connect_timeout_s=10.0)
         self.port = port
         self.llm_kind = llm_kind
         self.rec = Recorder()
@@ -365,11 +377,15 @@ class Clients:
     def running(self) -> bool:
         return time.monotonic() < self.end_at
 
+    def gateway_client(self) -> GatewayClient:
+        """A client with its own HTTP pool, each request limited to the request timeout."""
+        return GatewayClient(self.url, timeout_s=self.s.request_timeout_s)
+
     # ---- HTTP -------------------------------------------------------------------
 
     async def http_request(
         self,
-        client: httpx.AsyncClient,
+        client: GatewayClient,
         request: Request,
         body: dict[str, Any] | bytes,
         abandon_after_chunks: int | None = None,
@@ -397,59 +413,42 @@ class Clients:
 
     async def _http_once(
         self,
-        client: httpx.AsyncClient,
+        client: GatewayClient,
         request: Request,
         body: dict[str, Any] | bytes,
         abandon_after_chunks: int | None,
         path: str,
     ) -> None:
-        kwargs: dict[str, Any] = (
-            {"content": body, "headers": {"Content-Type": "application/json"}}
-            if isinstance(body, bytes)
-            else {"json": body}
-        )
-        status = 0
         try:
-            async with client.stream("POST", f"{self.url}{path}", **kwargs) as response:
-                status = response.status_code
-                if status != 200:
-                    raw = await response.aread()
-                    request.end(ERROR, http_error_reason(request, status, raw, self.rec))
-                    return
-                request.status = status
-                if response.headers.get("content-type", "").startswith("text/event-stream"):
+            async with client.post_stream(path, body) as response:
+                request.status = response.status
+                if response.content_type.startswith("text/event-stream"):
                     await self._read_sse(response, request)
                     return
                 chunks = 0
-                async for chunk in response.aiter_raw():
-                    if not chunk:
-                        continue
+                async for chunk in response.chunks():
                     request.audio(len(chunk))
                     chunks += 1
                     if abandon_after_chunks is not None and chunks >= abandon_after_chunks:
                         request.end(ABANDONED, "disconnected mid-stream")
                         return  # leaving the block closes the connection
             request.end(*audio_verdict(request))
-        except httpx.RemoteProtocolError as err:
-            if status == 200:
+        except ServerError as err:
+            assert err.status is not None
+            request.end(ERROR, http_error_reason(request, err.status, err.body, self.rec))
+        except StreamBroken as err:
+            if err.received is not None:
                 request.end(ERROR, "http: body cut off mid-stream")
             else:
-                request.end(ERROR, f"http: connection closed without a response ({err})")
-        except httpx.ConnectError:
+                request.end(ERROR, f"http: connection closed without a response ({err.detail})")
+        except ConnectFailed:
             request.end(ERROR, "http: connection refused")
-        except httpx.ReadTimeout:
+        except ReplyTimeout:
             request.end(LOST, "http: read timeout")
 
-    async def _read_sse(self, response: httpx.Response, request: Request) -> None:
+    async def _read_sse(self, response: SpeechResponse, request: Request) -> None:
         """``/v1/audio/speech`` with ``stream_format: sse``: deltas, then done or error."""
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            try:
-                event = json.loads(line[5:])
-            except ValueError:
-                self.rec.anomaly(f"{request.client}: SSE data that is not JSON: {line[:200]!r}")
-                continue
+        async for event in response.events():
             kind = event.get("type")
             if kind == "speech.audio.delta":
                 request.audio(len(base64.b64decode(event.get("audio", ""))))
@@ -462,38 +461,37 @@ class Clients:
                 request.end(ERROR, f"sse error event: {request.error_code}")
                 return
             else:
-                self.rec.anomaly(f"{request.client}: unknown SSE event {line[:200]!r}")
+                self.rec.anomaly(f"{request.client}: unknown SSE event {str(event)[:200]!r}")
         request.end(LOST, "sse: ended without a done or error event")
 
     # ---- WebSocket ----------------------------------------------------------------
 
     async def ws_connect(
-        self, request: Request | None = None, origin: str | None = None, url: str | None = None
-    ) -> ClientConnection | None:
-        """A connection (to the seed WebSocket unless ``url``), or None (and the
-        request's error) when it is refused."""
+        self, request: Request | None = None, origin: str | None = None
+    ) -> SpeechSocket | None:
+        """A seed WebSocket session, or None (and the request's error) when refused."""
+        return await self._open(self.sockets.speech_socket(origin), request)
+
+    async def text_in_connect(self, request: Request | None = None) -> TextInSocket | None:
+        """A streaming-text WebSocket session, or None (and the request's error)."""
+        return await self._open(self.sockets.text_in_socket(), request)
+
+    async def _open(self, opening: Awaitable[S], request: Request | None) -> S | None:
         try:
-            return await connect(
-                url or self.ws_url,
-                max_size=None,
-                open_timeout=10,
-                close_timeout=2,
-                ping_interval=None,
-                origin=Origin(origin) if origin else None,
-            )
-        except InvalidStatus as err:
+            return await opening
+        except ServerError as err:
             if request is not None:
-                request.status = err.response.status_code
-            reason = f"ws: handshake refused with HTTP {err.response.status_code}"
-        except (OSError, InvalidHandshake, TimeoutError) as err:
-            reason = f"ws: cannot connect ({type(err).__name__})"
+                request.status = err.status
+            reason = f"ws: handshake refused with HTTP {err.status}"
+        except ConnectFailed as err:
+            reason = f"ws: cannot connect ({type(err.__cause__).__name__})"
         if request is not None:
             request.end(ERROR, reason)
         return None
 
     async def ws_request(
         self,
-        ws: ClientConnection,
+        ws: SpeechSocket,
         request: Request,
         message: dict[str, Any] | str | bytes,
         abandon: str | None = None,
@@ -508,7 +506,7 @@ class Clients:
 
     async def _ws_once(
         self,
-        ws: ClientConnection,
+        ws: SpeechSocket,
         request: Request,
         message: dict[str, Any] | str | bytes,
         abandon: str | None,
@@ -516,22 +514,19 @@ class Clients:
         segment_id = message.get("segment_id") if isinstance(message, dict) else None
         started = False
         try:
-            await ws.send(json.dumps(message) if isinstance(message, dict) else message)
-            while True:
-                frame = await ws.recv()
-                if isinstance(frame, bytes):
+            async for data in ws.frames(message):
+                if isinstance(data, bytes):
                     if not started:
                         self.rec.anomaly(f"{request.client}: audio before 'start'")
-                    request.audio(len(frame))
+                    request.audio(len(data))
                     if abandon is not None:
-                        if abandon == "drop":
-                            ws.transport.abort()
+                        if abandon == "drop":  # the TCP connection cut, no close frame
+                            ws.connection.transport.abort()
                         else:
                             await ws.close()
                         request.end(ABANDONED, f"ws: {abandon} mid-stream")
                         return False
                     continue
-                data = json.loads(frame)
                 kind = data.get("type")
                 echoed = data.get("segment_id")
                 # A message refused unread (too big) cannot have its segment_id echoed.
@@ -554,13 +549,14 @@ class Clients:
                     request.end(ERROR, f"ws error frame: {data.get('code')}")
                     return True
                 else:
-                    self.rec.anomaly(f"{request.client}: unknown message {frame[:200]!r}")
-        except ConnectionClosed as err:
-            if err.rcvd is not None:
-                request.end(ERROR, f"ws: closed with code {err.rcvd.code}")
+                    self.rec.anomaly(f"{request.client}: unknown message {str(data)[:200]!r}")
+        except StreamBroken as err:
+            if err.close_code is not None:
+                request.end(ERROR, f"ws: closed with code {err.close_code}")
             else:
                 request.end(ERROR, "ws: connection dropped without a close frame")
             return False
+        return True  # not reached: the frames end with an end or error frame
 
     def ws_message(self, text: str, texts: Texts) -> dict[str, Any]:
         return {
@@ -573,7 +569,7 @@ class Clients:
     # ---- streaming text in ------------------------------------------------------------
 
     async def text_in_request(
-        self, ws: ClientConnection, request: Request, text: str, texts: Texts
+        self, ws: TextInSocket, request: Request, text: str, texts: Texts
     ) -> bool:
         """One utterance over the streaming-text WebSocket, sent in random fragments
         (parts of words too); True when the session is still usable."""
@@ -581,25 +577,22 @@ class Clients:
         return bool(await self.bounded(request, exchange, waiting_for="session.done"))
 
     async def _text_in_once(
-        self, ws: ClientConnection, request: Request, text: str, texts: Texts
+        self, ws: TextInSocket, request: Request, text: str, texts: Texts
     ) -> bool:
-        config = {"type": "session.config", "response_format": "pcm", "stream_audio": True}
         try:
-            await ws.send(json.dumps({**config, **texts.voice_fields()}))
+            await ws.configure(response_format="pcm", stream_audio=True, **texts.voice_fields())
             at = 0
             while at < len(text):  # fragments of 1-12 characters, a few ms apart
                 size = texts.rng.randint(1, 12)
-                await ws.send(json.dumps({"type": "input.text", "text": text[at : at + size]}))
+                await ws.write(text[at : at + size])
                 at += size
                 await asyncio.sleep(texts.rng.uniform(0, 0.01))
-            await ws.send(json.dumps({"type": "input.done"}))
+            await ws.done()
             wire_bytes, failed, error_code = 0, False, None
-            while True:
-                frame = await ws.recv()
-                if isinstance(frame, bytes):
-                    request.audio(len(frame))
+            async for data in ws.frames():
+                if isinstance(data, bytes):
+                    request.audio(len(data))
                     continue
-                data = json.loads(frame)
                 kind = data.get("type")
                 if kind == "audio.start":
                     continue
@@ -616,20 +609,21 @@ class Clients:
                         request.end(*audio_verdict(request, wire_bytes // 2))
                     return True
                 else:
-                    self.rec.anomaly(f"{request.client}: unknown message {frame[:200]!r}")
-        except ConnectionClosed as err:
-            if err.rcvd is not None:
-                request.end(ERROR, f"textin: closed with code {err.rcvd.code}")
+                    self.rec.anomaly(f"{request.client}: unknown message {str(data)[:200]!r}")
+        except StreamBroken as err:
+            if err.close_code is not None:
+                request.end(ERROR, f"textin: closed with code {err.close_code}")
             else:
                 request.end(ERROR, "textin: connection dropped without a close frame")
             return False
+        return True  # not reached: the frames end with session.done
 
     # ---- normal clients ---------------------------------------------------------------
 
     async def http_client(self, index: int) -> None:
         name = f"http-{index}"
         texts = Texts(random.Random(self.s.seed * 1000 + index), self.llm_kind)
-        async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+        async with self.gateway_client() as client:
             while self.running():
                 text = texts.text()
                 body = {"text": text, **texts.voice_fields()}
@@ -640,37 +634,37 @@ class Clients:
     async def ws_client(self, index: int) -> None:
         texts = Texts(random.Random(self.s.seed * 1000 + 500 + index), self.llm_kind)
 
-        async def speak(ws: ClientConnection, request: Request, text: str) -> bool:
+        async def speak(ws: SpeechSocket, request: Request, text: str) -> bool:
             return await self.ws_request(ws, request, self.ws_message(text, texts))
 
-        await self._session_client(f"ws-{index}", "ws", self.ws_url, texts, speak)
+        await self._session_client(f"ws-{index}", "ws", self.ws_connect, texts, speak)
 
     async def text_in_client(self, index: int) -> None:
         """A voice agent: utterances written in fragments over one streaming-text session."""
         texts = Texts(random.Random(self.s.seed * 1000 + 800 + index), self.llm_kind)
 
-        async def speak(ws: ClientConnection, request: Request, text: str) -> bool:
+        async def speak(ws: TextInSocket, request: Request, text: str) -> bool:
             return await self.text_in_request(ws, request, text, texts)
 
-        await self._session_client(f"textin-{index}", "textin", self.text_in_url, texts, speak)
+        await self._session_client(f"textin-{index}", "textin", self.text_in_connect, texts, speak)
 
     async def _session_client(
         self,
         name: str,
         transport: str,
-        url: str,
+        connect: Callable[[Request], Awaitable[S | None]],
         texts: Texts,
-        speak: Callable[[ClientConnection, Request, str], Awaitable[bool]],
+        speak: Callable[[S, Request, str], Awaitable[bool]],
     ) -> None:
         """Requests one after another over one WebSocket, reconnecting when ``speak``
         says the connection is no longer usable."""
-        ws: ClientConnection | None = None
+        ws: S | None = None
         try:
             while self.running():
                 text = texts.text()
                 request = self.rec.start(name, transport, "normal", **texts.expectations(text))
                 if ws is None:
-                    ws = await self.ws_connect(request, url=url)
+                    ws = await connect(request)
                     if ws is None:
                         await asyncio.sleep(0.2)
                         continue
@@ -687,7 +681,7 @@ class Clients:
         over HTTP, delete it. One request each time; every step must answer."""
         name = f"voices-{index}"
         texts = Texts(random.Random(self.s.seed * 1000 + 900 + index), self.llm_kind)
-        async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+        async with self.gateway_client() as client:
             for round_ in itertools.count():
                 if not self.running():
                     break
@@ -699,22 +693,19 @@ class Clients:
                 await asyncio.sleep(texts.rng.uniform(0.1, 0.4) + (0.5 if request.reason else 0))
 
     async def _clone_speak_delete(
-        self, client: httpx.AsyncClient, request: Request, voice: str, text: str, texts: Texts
+        self, client: GatewayClient, request: Request, voice: str, text: str, texts: Texts
     ) -> None:
         clip = texts.rng.choice(CLIPS)
-        created = await client.post(
-            f"{self.url}{VOICES_PATH}",
-            data={"name": voice},
-            files={"audio_sample": (clip.name, clip.read_bytes(), "audio/wav")},
-        )
-        if created.status_code != 201:
-            request.end(
-                ERROR, http_error_reason(request, created.status_code, created.content, self.rec)
-            )
+        try:
+            await client.add_voice(voice, clip.read_bytes(), clip.name, media_type="audio/wav")
+        except ServerError as err:
+            assert err.status is not None
+            request.end(ERROR, http_error_reason(request, err.status, err.body, self.rec))
             return
         try:
             await self._http_once(client, request, {"text": text, "voice": voice}, None, HTTP_PATH)
         finally:
-            deleted = await client.delete(f"{self.url}{VOICES_PATH}/{voice}")
-            if deleted.status_code != 200:
-                self.rec.anomaly(f"{request.client}: DELETE {voice} answered {deleted.status_code}")
+            try:
+                await client.delete_voice(voice)
+            except ServerError as err:
+                self.rec.anomaly(f"{request.client}: DELETE {voice} answered {err.status}")

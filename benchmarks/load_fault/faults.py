@@ -16,10 +16,8 @@ import time
 from typing import Any
 
 import h11
-import httpx
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
+from decoder_gateway.client import SpeechSocket, StreamBroken
 from decoder_gateway.settings import Settings
 from devtools.faulty_gateway import FAULT_VOICE
 
@@ -94,8 +92,8 @@ STALLED_MSS = 536
 class Faults(Clients):
     """The fault clients and LLM faults, on top of the normal clients."""
 
-    def __init__(self, settings: RunSettings, url: str, ws_url: str, port: int, llm: LLM):
-        super().__init__(settings, url, ws_url, port, llm.kind)
+    def __init__(self, settings: RunSettings, url: str, port: int, llm: LLM):
+        super().__init__(settings, url, port, llm.kind)
         self.llm = llm
         self.llm_lock = asyncio.Lock()
         # One stall-type fault (never read, stalled reader) per transport at a time, so
@@ -111,7 +109,7 @@ class Faults(Clients):
     async def fault_http_disconnect(self, name: str, texts: Texts) -> None:
         text = texts.long_text()
         request = self.rec.start(name, "http", "http_disconnect")
-        async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+        async with self.gateway_client() as client:
             await self.http_request(
                 client, request, {"text": text}, abandon_after_chunks=texts.rng.randint(1, 4)
             )
@@ -277,14 +275,14 @@ class Faults(Clients):
                 if not ok:
                     self.rec.anomaly(f"{kind}: POST /control failed")
                 before = await asyncio.to_thread(self.llm.stats)
-            ws: ClientConnection | None = None
+            ws: SpeechSocket | None = None
             sock: socket.socket | None = None
             try:
                 if transport == "ws":
                     ws = await self.ws_connect(request)
                     if ws is None:
                         return
-                    await ws.send(json.dumps(self.ws_message(text, texts)))
+                    await ws.send(self.ws_message(text, texts))
                 else:
                     loop = asyncio.get_running_loop()
                     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -301,8 +299,8 @@ class Faults(Clients):
             except (OSError, TimeoutError) as err:
                 request.end(ERROR, f"{transport}: cannot connect ({type(err).__name__})")
             finally:
-                if ws is not None:
-                    ws.transport.abort()
+                if ws is not None:  # gone at once: the TCP connection cut, no close frame
+                    ws.connection.transport.abort()
                 if sock is not None:
                     sock.close()
             if before is not None and request.reason == "left before the first audio":
@@ -364,13 +362,13 @@ class Faults(Clients):
 
     async def _ws_collect(
         self,
-        ws: ClientConnection,
+        ws: SpeechSocket,
         messages: list[dict[str, Any]],
         requests: dict[str, Request],
         name: str,
     ) -> None:
         for message in messages:
-            await ws.send(json.dumps(message))
+            await ws.send(message)
         order = list(requests)
         current: Request | None = None
         last_started = -1
@@ -380,14 +378,13 @@ class Faults(Clients):
                 waiting = [r for r in requests.values() if not r.outcome]
                 for r in waiting:
                     r.upstream = 1 if r is waiting[0] else 0
-                frame = await ws.recv()
-                if isinstance(frame, bytes):
+                data = await ws.receive()
+                if isinstance(data, bytes):
                     if current is None:
                         self.rec.anomaly(f"{name} (ws_pipelined): audio outside start/end")
                         continue
-                    current.audio(len(frame))
+                    current.audio(len(data))
                     continue
-                data = json.loads(frame)
                 kind, segment_id = data.get("type"), data.get("segment_id")
                 request = requests.get(segment_id)
                 if request is None:
@@ -404,8 +401,8 @@ class Faults(Clients):
                 elif kind == "error":
                     request.end(ERROR, f"ws error frame: {data.get('code')}")
                     current = None if current is request else current
-        except ConnectionClosed as err:
-            code = err.rcvd.code if err.rcvd is not None else None
+        except StreamBroken as err:
+            code = err.close_code
             for request in requests.values():
                 request.end(ERROR, f"ws: closed with code {code}")
 
@@ -492,8 +489,8 @@ class Faults(Clients):
             )
         except TimeoutError:
             pass
-        except ConnectionClosed as err:
-            reason = f"ws: closed with code {err.rcvd.code if err.rcvd else None}"
+        except StreamBroken as err:
+            reason = f"ws: closed with code {err.close_code}"
             for request in (speech, bad, queued):
                 request.end(ERROR, reason)
             self.rec.anomaly(f"{name} ({kind}): connection closed ({reason}), not kept")
@@ -512,24 +509,23 @@ class Faults(Clients):
 
     async def _ws_nested(
         self,
-        ws: ClientConnection,
+        ws: SpeechSocket,
         message_a: dict[str, Any],
         message_b: dict[str, Any],
         by_segment: dict[str, Request],
         bad: Request,
     ) -> None:
-        await ws.send(json.dumps(message_a))
+        await ws.send(message_a)
         sent_bad = False
         current: Request | None = None
         while any(not r.outcome for r in (*by_segment.values(), bad)):
-            frame = await ws.recv()
-            if isinstance(frame, bytes):
+            data = await ws.receive()
+            if isinstance(data, bytes):
                 if current is None:
                     self.rec.anomaly(f"{bad.client} (ws_nested_json): audio outside start/end")
                     continue
-                current.audio(len(frame))
+                current.audio(len(data))
                 continue
-            data = json.loads(frame)
             kind, segment_id = data.get("type"), data.get("segment_id")
             request = by_segment.get(segment_id, bad if segment_id is None else None)
             if request is None:
@@ -540,7 +536,7 @@ class Faults(Clients):
                 if not sent_bad:  # the speech is in progress: now the brackets
                     sent_bad = True
                     await ws.send(NESTED_JSON)
-                    await ws.send(json.dumps(message_b))
+                    await ws.send(message_b)
             elif kind == "end":
                 request.end(*audio_verdict(request, int(data.get("samples", -1))))
                 current = None if current is request else current
@@ -551,7 +547,7 @@ class Faults(Clients):
                 if request is not bad and not sent_bad:  # the speech failed at once
                     sent_bad = True
                     await ws.send(NESTED_JSON)
-                    await ws.send(json.dumps(message_b))
+                    await ws.send(message_b)
 
     async def fault_ws_foreign_origin(self, name: str, texts: Texts) -> None:
         """A handshake from a foreign Origin is refused (403); allowed or none: served."""
@@ -591,7 +587,7 @@ class Faults(Clients):
         ``expected``: (status, code, param) it must carry (None: any of them).
         """
         request = self.rec.start(name, "http", kind, expect_error=True, upstream=0)
-        async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+        async with self.gateway_client() as client:
             await self.http_request(client, request, body, path=path)
         if request.outcome == ERROR and not request.reason.startswith("http 4"):
             self.rec.anomaly(f"{name} ({kind}): {request.reason}, not a 4xx")
@@ -770,7 +766,7 @@ class Faults(Clients):
             (OPENAI_PATH, {**openai_body, "stream_format": "sse"}),
         ]
         async with self.llm_lock:
-            async with httpx.AsyncClient(timeout=self.s.request_timeout_s) as client:
+            async with self.gateway_client() as client:
                 for path, body in calls:
                     request = self.rec.start(
                         name, "http", kind, expect_error=True, upstream=upstream
@@ -840,15 +836,14 @@ class Faults(Clients):
 
 
 async def _first_answer(
-    ws: ClientConnection | None, sock: socket.socket | None, wait_s: float
+    ws: SpeechSocket | None, sock: socket.socket | None, wait_s: float
 ) -> str | None:
     """What the gateway answered within ``wait_s`` ("http 503", "ws error ..."), or None."""
     try:
         if ws is not None:
-            frame = await asyncio.wait_for(ws.recv(), wait_s)
-            if isinstance(frame, bytes):
+            data = await asyncio.wait_for(ws.receive(), wait_s)
+            if isinstance(data, bytes):
                 return "ws start"
-            data = json.loads(frame)
             if data.get("type") == "error":
                 return f"ws error frame: {data.get('code')}"
             return f"ws {data.get('type')}"
@@ -857,8 +852,8 @@ async def _first_answer(
         head = await asyncio.wait_for(loop.sock_recv(sock, 4096), wait_s)
     except TimeoutError:
         return None
-    except ConnectionClosed as err:
-        return f"ws: closed with code {err.rcvd.code if err.rcvd else None}"
+    except StreamBroken as err:
+        return f"ws: closed with code {err.close_code}"
     parts = head.split(b" ", 2)
     return f"http {parts[1].decode(errors='replace')}" if len(parts) > 1 else "http: closed"
 

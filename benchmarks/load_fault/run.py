@@ -15,12 +15,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from decoder_gateway.client import ClientError, GatewayClient
 from devtools.gateway_server import GatewayServer
 from devtools.paths import GOLDEN_SPEAKER
 
-from .clients import HTTP_PATH, SEGMENT_LOOKAHEAD, RunSettings, Texts, active_streams
+from .clients import (
+    SEGMENT_LOOKAHEAD,
+    RunSettings,
+    Texts,
+    active_streams,
+    read_metrics_async,
+)
 from .faults import (
     ALLOWED_ORIGIN,
     CLIENT_FAULTS,
@@ -88,7 +93,7 @@ class Run(Faults):
     def __init__(
         self, settings: RunSettings, gateway: GatewayServer, llm: LLM, kinds: tuple[str, ...]
     ) -> None:
-        super().__init__(settings, gateway.url, gateway.ws_url, gateway.port, llm)
+        super().__init__(settings, gateway.url, gateway.port, llm)
         self.kinds = kinds  # the client and in-band fault kinds this run can inject
         self.rng = random.Random(settings.seed)
         self.fault_tasks: set[asyncio.Task[None]] = set()
@@ -197,11 +202,7 @@ def wait_upstream_idle(llm: LLM, settle_s: float, patience_s: float = 10.0) -> i
 
 
 def read_metrics(url: str) -> str | None:
-    try:
-        response = httpx.get(f"{url}/metrics", timeout=10.0)
-    except httpx.HTTPError:
-        return None
-    return response.text if response.status_code == 200 else None
+    return asyncio.run(read_metrics_async(url))
 
 
 def wait_slots_free(url: str, patience_s: float = 10.0) -> tuple[int | None, str | None]:
@@ -217,11 +218,17 @@ def wait_slots_free(url: str, patience_s: float = 10.0) -> tuple[int | None, str
 
 
 def warm_up(gateway: GatewayServer) -> None:
-    body = {"text": "Good morning friend."}
-    with httpx.stream("POST", f"{gateway.url}{HTTP_PATH}", json=body, timeout=60) as response:
-        response.read()
-        if response.status_code != 200:
-            raise RuntimeError(f"warm-up request failed: {response.status_code} {response.text}")
+    asyncio.run(_warm_up(gateway.url))
+
+
+async def _warm_up(url: str) -> None:
+    async with GatewayClient(url, timeout_s=60) as client:
+        try:
+            async with client.speech_stream("Good morning friend.") as response:
+                async for _ in response.chunks():
+                    pass
+        except ClientError as err:
+            raise RuntimeError(f"warm-up request failed: {err}") from err
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -265,7 +272,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     faulty = True
     if args.gateway_root is not None:  # import the package from there, not from cwd
         env.update(PYTHONPATH=str(args.gateway_root.resolve()), PYTHONSAFEPATH="1")
-        module = args.gateway_root / "decoder_gateway" / "testing" / "faulty_gateway.py"
+        module = args.gateway_root / "devtools" / "faulty_gateway.py"
         faulty = module.exists()
     kinds = CLIENT_FAULTS if faulty else tuple(set(CLIENT_FAULTS) - set(FAULTY_GATEWAY_FAULTS))
     if llm.supports_control:

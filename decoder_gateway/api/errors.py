@@ -20,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from decoder_gateway.api.protocol import ErrorDetail, ErrorMessage, ErrorResponse, SpeechStreamError
+from decoder_gateway.api.openai_protocol import SpeechStreamError
+from decoder_gateway.api.protocol import ErrorDetail, ErrorMessage, ErrorResponse
 from decoder_gateway.errors import GatewayError, InternalError
 
 logger = logging.getLogger(__name__)

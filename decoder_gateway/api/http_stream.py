@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from decoder_gateway.api.protocol import PCM_HEADERS, SpeechStreamRequest
+from decoder_gateway.api.protocol import PCM_HEADERS
+from decoder_gateway.api.state import get_gateway
+from decoder_gateway.api.stream_protocol import SpeechStreamRequest
 from decoder_gateway.api.streaming import SpeechResponse, start_stream
 from decoder_gateway.audio.pcm import to_pcm16
 from decoder_gateway.errors import GatewayError, StreamAborted
@@ -37,7 +39,7 @@ async def pcm_body(stream: SpeechStream, first: Audio) -> AsyncIterator[bytes]:
     responses={200: {"content": {"audio/pcm": {}}, "description": "PCM16 LE, 16 kHz, mono"}},
 )
 async def speech_stream(body: SpeechStreamRequest, request: Request) -> SpeechResponse:
-    gateway = request.app.state.gateway
+    gateway = get_gateway(request)
     service = gateway.speech
     job = await service.prepare(
         body.text,

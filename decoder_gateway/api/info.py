@@ -5,7 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from decoder_gateway.api.protocol import PCM_HEADERS, VoiceInfo, VoiceList
+from decoder_gateway.api.protocol import PCM_HEADERS
+from decoder_gateway.api.state import get_gateway
+from decoder_gateway.api.voices_protocol import VoiceInfo, VoiceList
 from decoder_gateway.errors import GatewayError
 
 router = APIRouter()
@@ -13,25 +15,15 @@ router = APIRouter()
 
 @router.get("/v1/voices")
 async def list_voices(request: Request) -> VoiceList:
-    service = request.app.state.gateway.voices
-    packaged = [VoiceInfo(**v.model_dump(exclude={"global_tokens"})) for v in service.catalog]
-    cloned = [
-        VoiceInfo(
-            id=v.id,
-            speaker_id=v.speaker_id,
-            language=v.language or "",
-            gender=v.gender or "",
-            cloned=True,
-        )
-        for v in await service.cloned()
-    ]
-    return VoiceList(voices=packaged + cloned)
+    service = get_gateway(request).voices
+    voices = [*service.catalog, *await service.cloned()]  # packaged first
+    return VoiceList(voices=[VoiceInfo.of(voice) for voice in voices])
 
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 when the decode worker runs and vLLM answers; 503 with the reason otherwise."""
-    gateway = request.app.state.gateway  # set before the port opens: the decoder is loaded
+    gateway = get_gateway(request)  # set before the port opens: the decoder is loaded
     reason = gateway.worker.problem() or await gateway.llm.health()
     if reason is None and not gateway.llm.token_map_checked:
         try:
@@ -60,7 +52,7 @@ async def health(request: Request) -> JSONResponse:
 async def liveness(request: Request) -> JSONResponse:
     """200 while this process can serve (its decode worker runs), whatever vLLM does:
     for a liveness probe, which must not restart the gateway when vLLM is away."""
-    problem = request.app.state.gateway.worker.problem()
+    problem = get_gateway(request).worker.problem()
     if problem is not None:
         return JSONResponse({"status": "dead", "reason": problem}, 503)
     return JSONResponse({"status": "alive"})
@@ -69,13 +61,13 @@ async def liveness(request: Request) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics."""
-    registry = request.app.state.gateway.metrics
+    registry = get_gateway(request).metrics
     return Response(registry.render(), media_type=registry.content_type)
 
 
 @router.get("/")
 async def server_info(request: Request) -> dict:
-    gateway = request.app.state.gateway
+    gateway = get_gateway(request)
     base = str(request.base_url).rstrip("/")
     ws_base = base.replace("http", "ws", 1)
     voice = gateway.voices.catalog.default_voice

@@ -1,23 +1,10 @@
 """OpenAI's speech API: POST /v1/audio/speech, GET /v1/models, /v1/audio/models.
 
-Drop-in for clients of OpenAI's ``client.audio.speech.create`` (and Open WebUI):
-
-* ``model`` is accepted and not checked: one model is served, listed by
-  ``GET /v1/models`` under its vLLM name and the aliases ``tts-1`` / ``tts-1-hd``;
-* ``voice`` is one of our voice ids (or ``{"id": ...}``); OpenAI's built-in names
-  (``alloy`` ...) speak with the default voice, unless a voice has that id; any
-  other name is a 400 that lists the valid ones;
-* ``input`` is 1 .. 4096 characters, as OpenAI's; ``instructions`` is ignored;
-* every ``response_format`` streams while it is generated (see ``encoders``), at
-  24 kHz unless ``sample_rate`` says otherwise; ``speed`` changes tempo, not pitch;
-* ``stream_format: sse`` sends ``speech.audio.delta`` events (base64 of the file's
-  next bytes) and a final ``speech.audio.done`` with usage; a failure after the
-  first event sends an ``error`` event (OpenAI's error object) and no ``done``.
-
-Errors before the first audio are HTTP errors in OpenAI's shape, with ``param``
-naming the field at fault. A failure after the first byte of a plain audio
-response aborts it (the chunked body ends without its terminator), as on
-``/v1/audio/speech/stream``.
+A drop-in for clients of OpenAI's ``client.audio.speech.create`` (and Open WebUI):
+``model`` is not checked (one model is served, also as ``tts-1`` / ``tts-1-hd``);
+OpenAI's voice names speak with the default voice; every format streams while it is
+generated. Errors before the first audio are HTTP errors in OpenAI's shape; after it,
+a plain audio response is cut off and an SSE stream ends with an ``error`` event.
 """
 
 from __future__ import annotations
@@ -33,9 +20,8 @@ from fastapi.responses import Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 
 from decoder_gateway.api.errors import as_gateway_error, sse_error_event
-from decoder_gateway.api.protocol import (
+from decoder_gateway.api.openai_protocol import (
     AudioModelList,
-    ErrorResponse,
     ModelCard,
     ModelList,
     OpenAISpeechRequest,
@@ -43,9 +29,17 @@ from decoder_gateway.api.protocol import (
     SpeechAudioDone,
     SpeechUsage,
 )
+from decoder_gateway.api.protocol import ErrorResponse
+from decoder_gateway.api.state import get_gateway
 from decoder_gateway.api.streaming import SpeechResponse, start_stream
-from decoder_gateway.audio.encoders import DEFAULT_SAMPLE_RATE, FORMATS, AudioPipeline
+from decoder_gateway.audio.encoders import (
+    DEFAULT_SAMPLE_RATE,
+    FORMATS,
+    AudioFormat,
+    AudioPipeline,
+)
 from decoder_gateway.errors import InvalidRequest, StreamAborted, VoiceNotFound
+from decoder_gateway.serving import Audio, SpeechStream
 from decoder_gateway.voices.catalog import Voice
 from decoder_gateway.voices.service import VoiceService
 
@@ -97,7 +91,7 @@ async def resolve_voice(voices: VoiceService, name: str | None) -> Voice:
 
 
 def _models(request: Request) -> list[ModelCard]:
-    name = request.app.state.gateway.llm.model
+    name = get_gateway(request).llm.model
     ids = [name, *(alias for alias in MODEL_ALIASES if alias != name)]
     return [ModelCard(id=model_id, created=_STARTED) for model_id in ids]
 
@@ -132,16 +126,9 @@ async def list_audio_models(request: Request) -> AudioModelList:
 async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response:
     """OpenAI's speech endpoint. ``instructions`` is accepted and ignored; ``model`` is
     not checked (one model is served); ``sample_rate`` and ``temperature`` are extensions."""
-    gateway = request.app.state.gateway
+    gateway = get_gateway(request)
     service = gateway.speech
-    fmt = FORMATS[body.response_format]
-    rate = body.sample_rate or DEFAULT_SAMPLE_RATE
-    if rate not in fmt.sample_rates:
-        raise InvalidRequest(
-            f"sample_rate {rate} is not available for {fmt.name}; use one of "
-            f"{', '.join(map(str, fmt.sample_rates))}",
-            "sample_rate",
-        )
+    fmt, rate = _output(body)
     job = await service.prepare(
         body.input,
         temperature=body.temperature,
@@ -156,67 +143,88 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
     except BaseException as err:
         await stream.aclose(err)
         raise
+    encoded = _encoded(stream, first, pipeline)
+    headers = _headers(job.request_id, fmt, rate)
+    if body.stream_format == "audio":
+        response: Response = StreamingResponse(
+            _audio_body(encoded), media_type=fmt.content_type, headers=headers
+        )
+    else:
+        # sse-starlette frames the events, sets X-Accel-Buffering: no (proxies pass events
+        # on at once) and ends the stream when the client goes away.
+        events = _sse_events(encoded, pipeline, len(body.input), gateway.decoder.hop_length)
+        response = EventSourceResponse(events, headers=headers, sep="\n")
+    return SpeechResponse(response, stream, gateway.settings.slow_client_timeout_s)
 
-    async def encoded() -> AsyncIterator[bytes]:
-        """The file's bytes, chunk by chunk; encoding runs in a worker thread."""
-        try:
-            data = await asyncio.to_thread(pipeline.push, first.samples)
-            if data:
-                yield data
-            async for audio in stream.audio():
-                data = await asyncio.to_thread(pipeline.push, audio.samples)
-                if data:
-                    yield data
-            data = await asyncio.to_thread(pipeline.finish)
-            if data:
-                yield data
-        except Exception as err:
-            stream.fail(err)
-            raise
-        finally:
-            # Flushing and closing a container can take milliseconds: not on the loop.
-            await asyncio.to_thread(pipeline.close)
 
+def _output(body: OpenAISpeechRequest) -> tuple[AudioFormat, int]:
+    """The response's format and sample rate; InvalidRequest for a rate it lacks."""
+    fmt = FORMATS[body.response_format]
+    rate = body.sample_rate or DEFAULT_SAMPLE_RATE
+    if rate not in fmt.sample_rates:
+        raise InvalidRequest(
+            f"sample_rate {rate} is not available for {fmt.name}; use one of "
+            f"{', '.join(map(str, fmt.sample_rates))}",
+            "sample_rate",
+        )
+    return fmt, rate
+
+
+def _headers(request_id: str, fmt: AudioFormat, rate: int) -> dict[str, str]:
     headers = {
-        "X-Request-Id": job.request_id,
+        "X-Request-Id": request_id,
         "X-Sample-Rate": str(rate),
         "X-Channels": "1",
         "Cache-Control": "no-cache",
     }
     if fmt.name in ("pcm", "wav"):
         headers["X-Bit-Depth"] = "16"
-    send_timeout = gateway.settings.slow_client_timeout_s
-    if body.stream_format == "audio":
+    return headers
 
-        async def audio_body() -> AsyncIterator[bytes]:
-            try:
-                async for data in encoded():
-                    yield data
-            except Exception as err:  # the stream has recorded it; cut the response
-                raise StreamAborted(as_gateway_error(err).message) from err
 
-        response = StreamingResponse(audio_body(), media_type=fmt.content_type, headers=headers)
-        return SpeechResponse(response, stream, send_timeout)
+async def _encoded(
+    stream: SpeechStream, first: Audio, pipeline: AudioPipeline
+) -> AsyncIterator[bytes]:
+    """The file's bytes, chunk by chunk; encoding runs in a worker thread."""
+    try:
+        data = await asyncio.to_thread(pipeline.push, first.samples)
+        if data:
+            yield data
+        async for audio in stream.audio():
+            data = await asyncio.to_thread(pipeline.push, audio.samples)
+            if data:
+                yield data
+        data = await asyncio.to_thread(pipeline.finish)
+        if data:
+            yield data
+    except Exception as err:
+        stream.fail(err)
+        raise
+    finally:
+        # Flushing and closing a container can take milliseconds: not on the loop.
+        await asyncio.to_thread(pipeline.close)
 
-    hop = gateway.decoder.hop_length
 
-    async def events() -> AsyncIterator[dict[str, str]]:
-        try:
-            async for data in encoded():
-                delta = SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))
-                yield {"data": delta.model_dump_json()}
-        except Exception as err:  # after the first event: an error event, and no done
-            yield sse_error_event(err)
-            return
-        tokens = pipeline.samples_in // hop
-        usage = SpeechUsage(
-            input_tokens=len(body.input),
-            output_tokens=tokens,
-            total_tokens=len(body.input) + tokens,
-        )
-        yield {"data": SpeechAudioDone(usage=usage).model_dump_json()}
+async def _audio_body(encoded: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for data in encoded:
+            yield data
+    except Exception as err:  # the stream has recorded it; cut the response
+        raise StreamAborted(as_gateway_error(err).message) from err
 
-    # sse-starlette frames the events, sets X-Accel-Buffering: no (proxies pass events
-    # on at once) and ends the stream when the client goes away.
-    response = EventSourceResponse(events(), headers=headers, sep="\n")
-    return SpeechResponse(response, stream, send_timeout)
+
+async def _sse_events(
+    encoded: AsyncIterator[bytes], pipeline: AudioPipeline, input_chars: int, hop: int
+) -> AsyncIterator[dict[str, str]]:
+    try:
+        async for data in encoded:
+            delta = SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"))
+            yield {"data": delta.model_dump_json()}
+    except Exception as err:  # after the first event: an error event, and no done
+        yield sse_error_event(err)
+        return
+    tokens = pipeline.samples_in // hop
+    usage = SpeechUsage(
+        input_tokens=input_chars, output_tokens=tokens, total_tokens=input_chars + tokens
+    )
+    yield {"data": SpeechAudioDone(usage=usage).model_dump_json()}

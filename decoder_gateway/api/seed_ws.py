@@ -1,17 +1,9 @@
 """WS /v1/audio/speech/stream/ws: one synthesis per JSON message, in order.
 
-For each message: ``start``, binary PCM16 frames, then ``end`` (or ``error``).
-Bad messages get an error frame at once and the connection stays usable; an
-empty ``input`` with ``continue: false`` closes it. A reader task keeps listening
-during synthesis, so a client that leaves cancels its synthesis at once (and with
-it the upstream request), and messages sent meanwhile wait in a bounded queue.
-
-Every send has a deadline (SLOW_CLIENT_TIMEOUT_S): a client that stops reading
-while its connection stays open is cut off, its synthesis stopped and its slot
-freed.
-
-With GATEWAY_API_KEY set, the key comes in the handshake headers or, from
-browsers, as a first message ``{"type": "auth", "api_key": "..."}``.
+Per message: ``start``, binary PCM16 frames, ``end`` (or ``error``). A reader task
+keeps listening during synthesis, so a client that leaves stops its synthesis (and
+the upstream request) at once, and messages sent meanwhile wait in a bounded queue.
+Bad messages get an error frame and the connection stays usable.
 """
 
 from __future__ import annotations
@@ -19,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from decoder_gateway.api.errors import ws_error_frame
-from decoder_gateway.api.protocol import (
-    AuthReply,
+from decoder_gateway.api.protocol import AuthReply, ErrorMessage
+from decoder_gateway.api.state import get_gateway
+from decoder_gateway.api.stream_protocol import (
     EndMessage,
-    ErrorMessage,
     SegmentMessage,
     StartMessage,
     WebSocketSpeechMessage,
@@ -42,7 +33,7 @@ from decoder_gateway.api.ws_session import (
 )
 from decoder_gateway.audio.pcm import to_pcm16
 from decoder_gateway.errors import GatewayError, SlowClient
-from decoder_gateway.serving import Audio, SegmentEnd, SegmentStart
+from decoder_gateway.serving import Audio, SegmentEnd, SegmentStart, SpeechService
 
 router = APIRouter()
 logger = logging.getLogger(__name__)
@@ -103,11 +94,10 @@ async def _read(
             inbox.put_nowait(_CLOSED)
 
 
-async def _speak(conn: Connection, gateway: Any, message: WebSocketSpeechMessage) -> None:
+async def _speak(conn: Connection, service: SpeechService, message: WebSocketSpeechMessage) -> None:
     """One message's synthesis; every failure ends in an error frame (SlowClient: none,
     the client is not reading)."""
     segment_id = message.segment_id
-    service = gateway.speech
     try:
         job = await service.prepare(
             message.input,
@@ -168,45 +158,17 @@ async def _speak(conn: Connection, gateway: Any, message: WebSocketSpeechMessage
 @router.websocket("/v1/audio/speech/stream/ws")
 async def speech_websocket(ws: WebSocket) -> None:
     await ws.accept()
-    gateway = ws.app.state.gateway
+    gateway = get_gateway(ws)
     settings = gateway.settings
     conn = Connection(ws, settings.slow_client_timeout_s)
-    if settings.gateway_api_key and not await authenticate(conn, gateway.settings):
+    if settings.gateway_api_key and not await authenticate(conn, settings):
         return
     inbox: asyncio.Queue[object] = asyncio.Queue(settings.ws_max_queued_messages)
     reader = asyncio.create_task(
         _read(conn, inbox, settings.ws_max_message_bytes, settings.gateway_api_key)
     )
     try:
-        while conn.stalled is None:
-            try:
-                message = await asyncio.wait_for(inbox.get(), settings.ws_idle_timeout_s)
-            except TimeoutError:
-                await ws.close(code=1000, reason=f"idle for {settings.ws_idle_timeout_s:.0f} s")
-                break
-            if message is _CLOSED:
-                break
-            assert isinstance(message, WebSocketSpeechMessage)
-            if not message.input.strip():
-                if not message.continue_:
-                    await ws.close(code=1000)
-                    break
-                await conn.send(
-                    ErrorMessage(
-                        message="input is empty",
-                        code="invalid_request",
-                        segment_id=message.segment_id,
-                    )
-                )
-                continue
-            # Synthesize, but stop at once if the client goes away meanwhile.
-            speaking = asyncio.create_task(_speak(conn, gateway, message))
-            await asyncio.wait({speaking, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not speaking.done():
-                speaking.cancel()
-                await asyncio.gather(speaking, return_exceptions=True)
-                break
-            speaking.result()
+        await _serve(conn, gateway.speech, inbox, reader, settings.ws_idle_timeout_s)
     except (WebSocketDisconnect, SlowClient, GatewayError) as err:
         logger.info("websocket closed: %s", err)
     finally:
@@ -215,3 +177,43 @@ async def speech_websocket(ws: WebSocket) -> None:
             await reader
     # A stalled client is not sent a close frame (it would wait on the same full
     # buffer): returning lets the server drop the connection.
+
+
+async def _serve(
+    conn: Connection,
+    service: SpeechService,
+    inbox: asyncio.Queue[object],
+    reader: asyncio.Task[None],
+    idle_timeout_s: float,
+) -> None:
+    """The inbox's messages, one synthesis at a time, until the client closes, leaves,
+    stalls or idles."""
+    while conn.stalled is None:
+        try:
+            message = await asyncio.wait_for(inbox.get(), idle_timeout_s)
+        except TimeoutError:
+            await conn.ws.close(code=1000, reason=f"idle for {idle_timeout_s:.0f} s")
+            return
+        if message is _CLOSED:
+            return
+        assert isinstance(message, WebSocketSpeechMessage)
+        if not message.input.strip():
+            if not message.continue_:
+                await conn.ws.close(code=1000)
+                return
+            await conn.send(
+                ErrorMessage(
+                    message="input is empty",
+                    code="invalid_request",
+                    segment_id=message.segment_id,
+                )
+            )
+            continue
+        # Synthesize, but stop at once if the client goes away meanwhile.
+        speaking = asyncio.create_task(_speak(conn, service, message))
+        await asyncio.wait({speaking, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not speaking.done():
+            speaking.cancel()
+            await asyncio.gather(speaking, return_exceptions=True)
+            return
+        speaking.result()

@@ -12,16 +12,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from decoder_gateway.api.protocol import (
+from decoder_gateway.api.protocol import ErrorResponse
+from decoder_gateway.api.state import get_gateway
+from decoder_gateway.api.voices_protocol import (
     AudioVoiceInfo,
     AudioVoiceList,
-    ClonedVoiceInfo,
     ClonedVoiceResponse,
-    ErrorResponse,
     VoiceDeleted,
 )
-from decoder_gateway.voices.catalog import Voice
-from decoder_gateway.voices.library import ClonedVoice
 from decoder_gateway.voices.service import VoiceService
 
 router = APIRouter(tags=["Voices"])
@@ -37,46 +35,16 @@ OptionalField = Annotated[str | None, Form()]
 
 
 def _service(request: Request) -> VoiceService:
-    return request.app.state.gateway.voices
-
-
-def _display_name(voice: Voice) -> str:
-    if not voice.language:
-        return voice.id
-    return f"{voice.language} ({voice.gender})" if voice.gender else voice.language
-
-
-def _info(voice: ClonedVoice) -> ClonedVoiceInfo:
-    return ClonedVoiceInfo(**voice.model_dump(exclude={"clip_file"}))
+    return get_gateway(request).voices
 
 
 @router.get("/v1/audio/voices")
 async def list_audio_voices(request: Request) -> AudioVoiceList:
     """Packaged and cloned voices, with display names (``voices[].id`` / ``.name``)."""
     service = _service(request)
-    packaged = [
-        AudioVoiceInfo(
-            id=v.id,
-            name=_display_name(v),
-            speaker_id=v.speaker_id,
-            language=v.language,
-            gender=v.gender,
-        )
-        for v in service.catalog
-    ]
-    cloned = [
-        AudioVoiceInfo(
-            id=v.id,
-            name=v.name,
-            speaker_id=v.speaker_id,
-            language=v.language or "",
-            gender=v.gender or "",
-            cloned=True,
-        )
-        for v in await service.cloned()
-    ]
+    voices = [*service.catalog, *await service.cloned()]  # packaged first
     return AudioVoiceList(
-        voices=packaged + cloned,
+        voices=[AudioVoiceInfo.of(voice) for voice in voices],
         default_voice=service.catalog.default_voice,
         aliases=service.aliases,
     )
@@ -109,13 +77,13 @@ async def create_voice(
         gender=gender,
         speaker_description=speaker_description,
     )
-    return ClonedVoiceResponse(voice=_info(voice))
+    return ClonedVoiceResponse(voice=voice)
 
 
 @router.get("/v1/audio/voices/{name}", responses=_ERRORS)
 async def get_voice(name: str, request: Request) -> ClonedVoiceResponse:
     """One cloned voice, with its 32 global tokens."""
-    return ClonedVoiceResponse(voice=_info(await _service(request).get(name)))
+    return ClonedVoiceResponse(voice=await _service(request).get(name))
 
 
 @router.delete("/v1/audio/voices/{name}", responses=_ERRORS)

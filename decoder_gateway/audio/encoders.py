@@ -34,8 +34,10 @@ information; Ogg Opus does and decodes to the exact length).
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
+import wave
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -47,7 +49,7 @@ import numpy as np
 import soxr
 import torch
 
-from decoder_gateway.audio.pcm import to_pcm16
+from decoder_gateway.audio.pcm import PCM_SAMPLE_WIDTH, to_pcm16
 
 DEFAULT_SAMPLE_RATE = 24000
 """Every format's default output rate, as OpenAI's: 24 kHz."""
@@ -283,6 +285,17 @@ def wav_header(sample_rate: int, channels: int = 1, bits: int = 16) -> bytes:
         + b"data"
         + struct.pack("<I", _WAV_UNKNOWN_SIZE)
     )
+
+
+def whole_wav(pcm: bytes, sample_rate: int) -> bytes:
+    """A complete WAV file of PCM16 mono, its sizes exact (the audio is all there)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(PCM_SAMPLE_WIDTH)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm)
+    return buffer.getvalue()
 
 
 class _AvEncoder(_Encoder):

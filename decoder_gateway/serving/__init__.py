@@ -2,7 +2,8 @@
 
 ``speech``: validation and the stream of a request; ``admission``: slots and
 accounting; ``scheduler``: segments ahead of playback, in order; ``segment``: one
-segment's LLM -> codec loop; ``events``: what transports adapt to their wire.
+segment's LLM -> codec loop; ``events``: what transports adapt to their wire;
+``utterance`` and ``text_in``: text streamed in, sessions of utterances in order.
 """
 
 from decoder_gateway.serving.events import Audio, SegmentEnd, SegmentStart, SpeechEvent

@@ -2,7 +2,7 @@
 
 A transport adapts them to its wire format (PCM bytes, an encoded file, SSE events,
 WebSocket frames). Failures are not events: they are raised as typed
-:class:`~decoder_gateway.errors.GatewayError` s, converted in ``routes/errors.py``.
+:class:`~decoder_gateway.errors.GatewayError` s, converted by the web edge (``api/errors.py``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving.events import Audio, SpeechEvent
 from decoder_gateway.serving.job import SpeechJob
 from decoder_gateway.settings import Settings
-from decoder_gateway.voices.catalog import GLOBAL_TOKEN_COUNT
+from decoder_gateway.voices.catalog import GLOBAL_TOKEN_COUNT, check_global_tokens
 
 Emit = Callable[[SpeechEvent], Awaitable[None]]
 
@@ -78,8 +78,7 @@ class SegmentSynthesis:
             repetition_penalty=self.settings.repetition_penalty,
             max_tokens=self._max_tokens(job, text, prompt, pinned is None),
         )
-        decoder = self.worker.decoder
-        session = None if pinned is None else StreamingSession(decoder, pinned, self.streaming)
+        session = None if pinned is None else self.worker.open_stream(pinned, self.streaming)
         written_globals: list[int] = []
         first_token_at = last_token_at = 0.0
         tokens = self.llm.stream_tokens(prompt, sampling, request_id=f"{job.request_id}-{index}")
@@ -91,8 +90,8 @@ class SegmentSynthesis:
                     written_globals += delta.global_tokens
                     if not delta.semantic:
                         continue
-                    session = StreamingSession(
-                        decoder, _check_globals(written_globals), self.streaming
+                    session = self.worker.open_stream(
+                        _check_globals(written_globals), self.streaming
                     )
                     if not state.voice_tokens.done():
                         state.voice_tokens.set_result(written_globals)
@@ -162,9 +161,10 @@ def _seconds(milliseconds: float | None) -> float | None:
 
 
 def _check_globals(tokens: list[int]) -> list[int]:
-    if len(tokens) != GLOBAL_TOKEN_COUNT:
+    try:
+        return check_global_tokens(tokens)
+    except ValueError:  # the count: the LLM client reads only ids of the global codebook
         raise UpstreamError(
             f"the model wrote {len(tokens)} global tokens; BiCodec needs exactly "
             f"{GLOBAL_TOKEN_COUNT}"
-        )
-    return tokens
+        ) from None

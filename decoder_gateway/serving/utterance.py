@@ -2,7 +2,7 @@
 in, one :class:`SpeechStream` out whose segments arrive as the text does.
 
 The fragments go through the same segmenter rules as whole texts
-(:class:`~decoder_gateway.text.SegmentStream`), so a text gives the same segments
+(:class:`~decoder_gateway.text.TextSegmenter`), so a text gives the same segments
 however it was cut. Each segment is released to the LLM as soon as its boundary is
 certain, while the ones before it play; the stream (and its slot) opens with the
 first segment, so no capacity is held while a client is still thinking.
@@ -14,7 +14,7 @@ from decoder_gateway.errors import InvalidRequest
 from decoder_gateway.serving.job import SpeechJob, new_request_id
 from decoder_gateway.serving.scheduler import SegmentSource
 from decoder_gateway.serving.speech import SpeechService, SpeechStream
-from decoder_gateway.text import SegmentStream
+from decoder_gateway.text import TextSegmenter
 from decoder_gateway.voices.catalog import Voice
 
 
@@ -41,10 +41,10 @@ class Utterance:
             max_tokens=service.check_max_tokens(max_tokens),
             request_id=new_request_id(),
         )
-        self.segmenter = SegmentStream(max_chars=limits.max_segment_chars)
+        self.segmenter = TextSegmenter(max_chars=limits.max_segment_chars)
         self.source = SegmentSource()
         self.stream: SpeechStream | None = None
-        self.playing = False  # a transport plays the stream (set by the transport)
+        self.playing = False  # a player sends the stream (set by the session)
         self.received_chars = 0
         # Stopped before input.done: its synthesis failed (the client got the error and
         # session.done) or the session closed. The rest of its text has nowhere to go.

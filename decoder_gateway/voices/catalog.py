@@ -1,17 +1,19 @@
-"""The voice catalog: the six packaged fine-tune speakers, replaced or extended by a file.
+"""The voice catalog: the packaged fine-tune speakers, replaced or extended by a file.
 
-A voice is a speaker id (written into the prompt as ``"{speaker_id}: {text}"``) and,
-usually, its 32 pinned BiCodec global tokens. A voice without global tokens lets
-the model write them; the gateway then pins what it wrote for the rest of the request.
+A voice is a speaker id (the prompt's ``"{speaker_id}: {text}"``) and, usually, its
+pinned :data:`GlobalTokens`; without them the model writes its own, which the gateway
+then pins for the rest of the request.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from decoder_gateway.errors import VoiceNotFound
 
@@ -19,23 +21,25 @@ GLOBAL_TOKEN_COUNT = 32
 GLOBAL_CODEBOOK_SIZE = 4096
 
 
+def check_global_tokens(tokens: list[int]) -> list[int]:
+    """``tokens`` if they can be a voice's global tokens; else ValueError saying why."""
+    if len(tokens) != GLOBAL_TOKEN_COUNT:
+        raise ValueError(f"needs exactly {GLOBAL_TOKEN_COUNT} global tokens, has {len(tokens)}")
+    if any(not 0 <= t < GLOBAL_CODEBOOK_SIZE for t in tokens):
+        raise ValueError(f"global tokens must lie in [0, {GLOBAL_CODEBOOK_SIZE})")
+    return tokens
+
+
+GlobalTokens = Annotated[list[int], AfterValidator(check_global_tokens)]
+"""A voice's BiCodec global tokens: exactly 32 codes of its 4096-entry codebook."""
+
+
 class Voice(BaseModel):
     id: str = Field(min_length=1)
     speaker_id: int = Field(ge=0)
     language: str = ""
     gender: str = ""
-    global_tokens: list[int] | None = None
-
-    @field_validator("global_tokens")
-    @classmethod
-    def _exactly_32(cls, tokens: list[int] | None) -> list[int] | None:
-        if tokens is None:
-            return None
-        if len(tokens) != GLOBAL_TOKEN_COUNT:
-            raise ValueError(f"needs exactly {GLOBAL_TOKEN_COUNT} global tokens, has {len(tokens)}")
-        if any(not 0 <= t < GLOBAL_CODEBOOK_SIZE for t in tokens):
-            raise ValueError(f"global tokens must lie in [0, {GLOBAL_CODEBOOK_SIZE})")
-        return tokens
+    global_tokens: GlobalTokens | None = None
 
 
 class VoiceFile(BaseModel):
@@ -67,7 +71,7 @@ class VoiceCatalog:
             default = extra.default_voice or (default if default in voices else extra.voices[0].id)
         return cls(list(voices.values()), default)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Voice]:
         return iter(self._by_id.values())
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""Cloned voices on disk: a named set of 32 BiCodec global tokens plus metadata.
+"""Cloned voices on disk: a named set of BiCodec global tokens plus metadata.
 
 One JSON file per voice (``<name>.json``) in one folder, which several gateway
 processes may share (a volume). The folder itself is the only shared state, so:
@@ -32,11 +32,12 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from decoder_gateway.errors import InvalidRequest, VoiceExists, VoiceStorageError
-from decoder_gateway.voices.catalog import GLOBAL_CODEBOOK_SIZE, GLOBAL_TOKEN_COUNT, Voice
+from decoder_gateway.voices.catalog import GlobalTokens, Voice
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,16 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class ClonedVoice(BaseModel):
-    """A cloned voice as stored: what the prompt needs (speaker id of the base voice and
-    the 32 global tokens) plus what the user told us about it."""
+class ClonedVoiceInfo(BaseModel):
+    """A cloned voice as its owner sees it: what the prompt needs (the base voice's
+    speaker id and the global tokens) plus what the owner told us about it."""
 
     # Unknown fields are dropped, so files written by a newer gateway still load.
     model_config = ConfigDict(extra="ignore")
 
     id: str = ""  # always equal to name; filled in from it
     name: str
-    global_tokens: list[int]
+    global_tokens: GlobalTokens
     speaker_id: int = Field(ge=0)
     base_voice: str
     created_at: str = Field(default_factory=_utc_now)
@@ -90,10 +91,9 @@ class ClonedVoice(BaseModel):
     language: str | None = None
     gender: str | None = None
     speaker_description: str | None = None
-    clip_file: str | None = None
 
     @model_validator(mode="after")
-    def _id_is_name(self) -> ClonedVoice:
+    def _id_is_name(self) -> Self:
         if not VOICE_NAME.fullmatch(self.name):
             raise ValueError(f"invalid voice name {self.name!r}")
         if not self.id:
@@ -101,15 +101,6 @@ class ClonedVoice(BaseModel):
         elif self.id != self.name:
             raise ValueError(f"id {self.id!r} differs from name {self.name!r}")
         return self
-
-    @field_validator("global_tokens")
-    @classmethod
-    def _exactly_32(cls, tokens: list[int]) -> list[int]:
-        if len(tokens) != GLOBAL_TOKEN_COUNT:
-            raise ValueError(f"needs exactly {GLOBAL_TOKEN_COUNT} global tokens, has {len(tokens)}")
-        if any(not 0 <= t < GLOBAL_CODEBOOK_SIZE for t in tokens):
-            raise ValueError(f"global tokens must lie in [0, {GLOBAL_CODEBOOK_SIZE})")
-        return tokens
 
     @field_validator("created_at")
     @classmethod
@@ -124,14 +115,6 @@ class ClonedVoice(BaseModel):
         utc = moment.astimezone(UTC)
         return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    @field_validator("clip_file")
-    @classmethod
-    def _plain_clip_name(cls, value: str | None) -> str | None:
-        # The file name is joined to the folder: never a path, never a hidden file.
-        if value is not None and not _CLIP_FILE.fullmatch(value):
-            raise ValueError(f"clip_file {value!r} is not a clip file name")
-        return value
-
     def as_voice(self) -> Voice:
         """The catalog form the synthesis path takes (base speaker id + pinned tokens)."""
         return Voice(
@@ -144,6 +127,20 @@ class ClonedVoice(BaseModel):
 
     def sort_key(self) -> tuple[datetime, str]:
         return datetime.fromisoformat(self.created_at), self.name
+
+
+class ClonedVoice(ClonedVoiceInfo):
+    """A cloned voice as stored: its info, and the file of its kept clip (never shown)."""
+
+    clip_file: str | None = None
+
+    @field_validator("clip_file")
+    @classmethod
+    def _plain_clip_name(cls, value: str | None) -> str | None:
+        # The file name is joined to the folder: never a path, never a hidden file.
+        if value is not None and not _CLIP_FILE.fullmatch(value):
+            raise ValueError(f"clip_file {value!r} is not a clip file name")
+        return value
 
 
 class VoiceLibrary:

@@ -1,20 +1,16 @@
-"""BiCodec, decode path only: semantic tokens (50 Hz) + 32 global tokens -> 16 kHz audio.
+"""BiCodec's decode model: semantic tokens (50 Hz) + 32 global tokens -> 16 kHz audio.
 
-Module names mirror the released checkpoint (``quantizer``, ``speaker_encoder``,
-``prenet``, ``decoder``) so its keys load unchanged; the encoder, ECAPA speaker
-encoder, perceiver, postnet and mel front end are never built.
-
-The model runs on windows of tokens (:meth:`BiCodecDecoder.features`, then
-:meth:`BiCodecDecoder.waveform`); which windows to run for the audio asked for is
-:mod:`.spans`' business, and every decode goes through it.
+Plain modules on windows of tokens; which windows to run, how to batch them and how
+to stream is the runtime's business (:mod:`decoder_gateway.codec.runtime`). Module
+names mirror the released checkpoint so that its keys load unchanged, except
+``global_dequantizer``, which the checkpoint files under ``speaker_encoder`` (see
+:mod:`.loading`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,11 +30,6 @@ from decoder_gateway.codec.model.layers import (
     WNConv1d,
     apply_mask,
 )
-from decoder_gateway.codec.runtime.incremental import Stage, build_stages, decode_streamed
-from decoder_gateway.codec.runtime.spans import Span, decode_spans
-
-if TYPE_CHECKING:
-    from decoder_gateway.codec.runtime.graphs import WindowGraphs
 
 TokenInput = Sequence[int] | np.ndarray | Tensor
 
@@ -141,8 +132,8 @@ class WaveGenerator(nn.Module):
         return tanh(last(apply_mask(snake(x), mask)))
 
 
-# The receptive field is counted here, next to the convs whose kernels it counts; span
-# decoding (:mod:`.spans`) reads the totals off the model.
+# The receptive field is counted here, next to the convs whose kernels it counts; the
+# runtime reads the totals off the model.
 
 
 def prenet_context_tokens(config: BiCodecConfig) -> int:
@@ -173,7 +164,12 @@ def generator_context_tokens(config: BiCodecConfig) -> int:
 
 
 class BiCodecDecoder(nn.Module):
-    """Decode-only BiCodec. Build with :func:`decoder_gateway.codec.load_decoder`."""
+    """Decode-only BiCodec on windows of tokens.
+
+    Load weights with :func:`.loading.load_bicodec`; decode through the runtime's
+    :class:`~decoder_gateway.codec.runtime.decoder.Decoder`, which owns batching,
+    streaming and CUDA graphs.
+    """
 
     def __init__(self, config: BiCodecConfig) -> None:
         super().__init__()
@@ -181,17 +177,11 @@ class BiCodecDecoder(nn.Module):
         self.quantizer = SemanticDequantizer(
             config.codebook_size, config.codebook_dim, config.latent_dim
         )
-        self.speaker_encoder = GlobalDequantizer(config.speaker)
+        self.global_dequantizer = GlobalDequantizer(config.speaker)
         self.prenet = Prenet(config.prenet)
         self.decoder = WaveGenerator(config.generator)
         self.prenet_context = prenet_context_tokens(config)
         self.generator_context = generator_context_tokens(config)
-        self._streaming_stages: list[Stage] | None = None
-        # Tokens of generator window per forward pass (:mod:`.batching`); None: one
-        # pass for everything. load_decoder sets the device's default.
-        self.batch_tokens: int | None = None
-        # Window decodes replayed from CUDA graphs (:mod:`.graphs`); None: eager.
-        self.graphs: WindowGraphs | None = None
 
     # -- facts --------------------------------------------------------------------
     @property
@@ -255,7 +245,7 @@ class BiCodecDecoder(nn.Module):
 
     def speaker_d_vector(self, global_tokens: Tensor) -> Tensor:
         """(B, 32) global ids -> the speaker d-vector (B, D) that conditions the decode."""
-        return self.speaker_encoder(global_tokens)
+        return self.global_dequantizer(global_tokens)
 
     def prenet_features(self, semantic: Tensor, d_vector: Tensor, mask: Tensor | None) -> Tensor:
         """:meth:`features` from the speaker d-vector (B, D) rather than its tokens."""
@@ -265,39 +255,6 @@ class BiCodecDecoder(nn.Module):
     def waveform(self, features: Tensor, mask: Tensor | None) -> Tensor:
         """(B, D, T) generator input -> (B, hop * T) samples, in the model's dtype."""
         return self.decoder(features, mask)[:, 0]
-
-    def streaming_stages(self) -> list[Stage]:
-        """The decode path as a chain of stages, for streams (:mod:`.incremental`)."""
-        if self._streaming_stages is None:
-            self._streaming_stages = build_stages(self)
-        return self._streaming_stages
-
-    # -- decoding -----------------------------------------------------------------
-    def decode(self, semantic: TokenInput, global_tokens: TokenInput) -> Tensor:
-        """Semantic (T,) + global (32,) ids -> float32 audio (hop * T,) on the CPU."""
-        return self.decode_batch([(semantic, global_tokens)])[0]
-
-    def decode_batch(self, items: Sequence[tuple[TokenInput, TokenInput]]) -> list[Tensor]:
-        """Several (semantic, global) pairs of any lengths and voices in one forward pass."""
-        spans = []
-        for semantic, global_tokens in items:
-            ids = self.check_semantic(semantic)
-            spans.append(Span(ids, self.check_global(global_tokens), 0, ids.numel()))
-        return self.decode_spans(spans)
-
-    def decode_spans(self, spans: Sequence[Span]) -> list[Tensor]:
-        """Audio of each span (float32, on the CPU), batched: see :mod:`.spans`.
-
-        Spans of streaming sessions reuse their stream's settled state
-        (:mod:`.incremental`); the audio is the same. With CUDA graphs every span is
-        a window decode replayed from a graph: on a GPU launches, not arithmetic,
-        bound a chunk, and the stream state's many small steps would add launches.
-        """
-        if self.graphs is not None:
-            return self.graphs.decode([replace(span, stream=None) for span in spans])
-        if any(span.stream is not None for span in spans):
-            return decode_streamed(self, spans)
-        return decode_spans(self, spans, self.batch_tokens)
 
 
 def _as_ids(values: TokenInput, what: str) -> Tensor:

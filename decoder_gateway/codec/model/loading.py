@@ -2,7 +2,8 @@
 
 Only the decode keys are read from ``model.safetensors`` (a fraction of the file);
 each is checked by name and shape, weight norm is folded once, and every key the
-decode path does not use is reported as skipped, never silently dropped.
+decode path does not use is reported as skipped, never silently dropped. Reports and
+errors name keys as the checkpoint does, whatever the model calls the module.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from decoder_gateway.codec.model.bicodec import BiCodecDecoder
 from decoder_gateway.codec.model.config import BiCodecConfig
 from decoder_gateway.codec.model.layers import WEIGHT_NORMED
-from decoder_gateway.codec.runtime.batching import default_batch_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,27 @@ _NORM_SPELLINGS = (
 )
 
 
+# Model key prefix -> the checkpoint's, where they differ: the released checkpoint files
+# the global-token de-quantizer under its speaker encoder.
+_CHECKPOINT_PREFIXES = {"global_dequantizer.": "speaker_encoder."}
+
+
+def checkpoint_key(key: str) -> str:
+    """The checkpoint's name for the model's state key ``key``."""
+    for ours, theirs in _CHECKPOINT_PREFIXES.items():
+        if key.startswith(ours):
+            return theirs + key.removeprefix(ours)
+    return key
+
+
 class CheckpointError(ValueError):
     """The checkpoint does not fit the decoder built from its config."""
 
 
 @dataclass
 class LoadReport:
+    """What a load read from ``path`` and what it skipped, in the checkpoint's key names."""
+
     path: Path
     loaded_keys: int = 0
     skipped_keys: list[str] = field(default_factory=list)
@@ -51,7 +67,7 @@ class LoadReport:
         return ", ".join(f"{name} ({count})" for name, count in sorted(groups.items()))
 
 
-def checkpoint_layout(model: BiCodecDecoder) -> dict[str, tuple[int, ...]]:
+def checkpoint_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The keys and shapes the decode path reads, in the released storage format.
 
     Weight-normed convs appear as ``weight_g`` (gain, one per axis-0 channel) and
@@ -61,12 +77,14 @@ def checkpoint_layout(model: BiCodecDecoder) -> dict[str, tuple[int, ...]]:
     normed = {name for name, module in model.named_modules() if isinstance(module, WEIGHT_NORMED)}
     for key, tensor in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")
+        stored = checkpoint_key(key)
         shape = tuple(tensor.shape)
         if module_name in normed and leaf == "weight":
-            layout[f"{module_name}.weight_g"] = (shape[0],) + (1,) * (len(shape) - 1)
-            layout[f"{module_name}.weight_v"] = shape
+            stored_module = stored.rpartition(".")[0]
+            layout[f"{stored_module}.weight_g"] = (shape[0],) + (1,) * (len(shape) - 1)
+            layout[f"{stored_module}.weight_v"] = shape
         else:
-            layout[key] = shape
+            layout[stored] = shape
     return layout
 
 
@@ -81,17 +99,16 @@ def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
     return config_path, weights_path
 
 
-def load_decoder(
+def load_bicodec(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> BiCodecDecoder:
-    """Build the decoder from ``path/config.yaml`` and load ``path/model.safetensors``.
+) -> tuple[BiCodecDecoder, LoadReport]:
+    """Build the model from ``path/config.yaml`` and load ``path/model.safetensors``.
 
-    ``dtype``: float32, or bfloat16 / float16 (faster, about 40 dB from float32:
-    docs/performance.md) on CUDA or a CPU that computes in it natively. The returned
-    model is in eval mode with weight norm folded; ``model.load_report`` tells what
-    was loaded and skipped.
+    ``dtype``: float32, or bfloat16 / float16 (faster, at a small error stated in
+    docs/performance.md) on CUDA or a CPU that computes in it natively. The model is
+    in eval mode with weight norm folded; the report tells what was loaded and skipped.
     """
     started = time.perf_counter()
     config_path, weights_path = checkpoint_files(path)
@@ -108,9 +125,7 @@ def load_decoder(
     state, report = _read_decode_state(weights_path, model)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.batch_tokens = default_batch_tokens(device, model.activation_per_token)
     report.seconds = time.perf_counter() - started
-    model.load_report = report
     logger.info(
         "BiCodec decoder loaded from %s in %.2f s: %d decode keys, %d skipped (%s)",
         config_path.parent,
@@ -119,7 +134,7 @@ def load_decoder(
         len(report.skipped_keys),
         report.skipped_summary(),
     )
-    return model
+    return model, report
 
 
 def cpu_computes_in(dtype: torch.dtype) -> bool:
@@ -152,29 +167,32 @@ def _read_decode_state(
         missing: list[str] = []
         for key, shape in expected.items():
             module_name, _, leaf = key.rpartition(".")
-            if module_name in normed and leaf == "weight" and key not in available:
+            stored = checkpoint_key(key)  # the checkpoint's name: all reads and errors use it
+            if module_name in normed and leaf == "weight" and stored not in available:
+                stored_module = stored.rpartition(".")[0]
                 spelling = next(
                     (
-                        (f"{module_name}.{g}", f"{module_name}.{v}")
+                        (f"{stored_module}.{g}", f"{stored_module}.{v}")
                         for g, v in _NORM_SPELLINGS
-                        if f"{module_name}.{g}" in available and f"{module_name}.{v}" in available
+                        if f"{stored_module}.{g}" in available
+                        and f"{stored_module}.{v}" in available
                     ),
                     None,
                 )
                 if spelling is None:
-                    missing.append(f"{module_name}.weight_g / weight_v")
+                    missing.append(f"{stored_module}.weight_g / weight_v")
                     continue
                 gain, direction = read(spelling[0]), read(spelling[1])
-                _check_shape(spelling[1], tuple(direction.shape), shape)
-                _check_shape(spelling[0], tuple(gain.shape), (shape[0],) + (1,) * (len(shape) - 1))
+                check_shape(spelling[1], tuple(direction.shape), shape)
+                check_shape(spelling[0], tuple(gain.shape), (shape[0],) + (1,) * (len(shape) - 1))
                 # The same fused op torch's weight_norm uses: W = g * v / ||v|| (axis 0 kept).
                 state[key] = torch._weight_norm(direction, gain, 0)
-            elif key in available:
-                tensor = read(key)
-                _check_shape(key, tuple(tensor.shape), shape)
+            elif stored in available:
+                tensor = read(stored)
+                check_shape(stored, tuple(tensor.shape), shape)
                 state[key] = tensor
             else:
-                missing.append(key)
+                missing.append(stored)
         if missing:
             shown = ", ".join(missing[:8])
             if len(missing) > 8:
@@ -188,7 +206,7 @@ def _read_decode_state(
     return state, report
 
 
-def _check_shape(key: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
+def check_shape(key: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if found != expected:
         raise CheckpointError(
             f"checkpoint key {key} has shape {list(found)}, the config expects {list(expected)}"

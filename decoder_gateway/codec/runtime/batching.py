@@ -1,34 +1,24 @@
-"""Which spans share a forward pass: batches bounded by the work they hold, not a count.
+"""Which spans share a forward pass: passes bounded by the work they hold, not a count.
 
-Every forward pass reads all the decoder's weights (about 600 MB as released), so a
-small window is bound by that read and batching small windows shares it. A large
-batch, though, has activations that no longer fit the cache: on a CPU, one batch of
-16 one-second windows ran at 0.6x the speed of the same windows one by one.
-The measure of a batch is therefore the tokens its wave generator runs over
-(``len(batch) * longest window``, padding included), and a batch holds as many spans
-as fit a budget for the device. ``benchmarks/bench_decoder.py --only batch`` prints
-the speed of each budget against one by one; the defaults are its fastest (64
-tokens of the released decoder on a CPU).
+Every pass reads all the decoder's weights, so batching small windows shares that
+read; but a large batch's activations no longer fit the cache and run slower than
+one by one. So a pass holds as many spans as fit a budget of generator-window
+tokens (padding included), chosen per device (figures: docs/performance.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from decoder_gateway.codec.runtime.spans import Span
+from decoder_gateway.codec.runtime.spans import Span
 
 # What a pass may hold, in elements of the generator's widest activation (channels x
-# samples per token: 96 x 320 = 30720 as released), so that a narrower decoder batches
-# proportionally more tokens. CPU: 64 tokens of the released decoder, the fastest
-# budget on a 2-core AVX-512 host (bench_decoder.py --only batch, a mixed load: 1.13x
-# one by one at 64, the same at 128-256, 0.71x at 1024, 0.58x in one pass). CUDA:
-# batching pays for as long as the batch fits; 4096 tokens of the released decoder is
-# 64 streams' chunks (not measured yet: gpu_check.sh prints the same table there).
+# samples per token), so that a narrower decoder batches proportionally more tokens:
+# 64 tokens of the released decoder on a CPU (the fastest of `bench_decoder.py --only
+# batch`), 4096 on CUDA (batching pays for as long as the batch fits).
 RELEASED_ACTIVATION_PER_TOKEN = 96 * 320
 CPU_BATCH_ELEMENTS = 64 * RELEASED_ACTIVATION_PER_TOKEN
 CUDA_BATCH_ELEMENTS = 4096 * RELEASED_ACTIVATION_PER_TOKEN
@@ -45,9 +35,8 @@ def span_cost(span: Span, generator_context: int) -> int:
     """Tokens of wave-generator window that decoding ``span`` runs over.
 
     A plain span runs its whole window. A stream's span runs about its own tokens:
-    its settled state covers the context before, and the provisional tail after
-    is short (in a one-off CPU measurement, not a benchmark section, 8 streams of
-    5-token chunks ran fastest 4-8 to a batch).
+    its settled state covers the context before, and the provisional tail after is
+    short.
     """
     if span.stream is not None:
         return span.end - span.start
@@ -76,25 +65,20 @@ def split_batches(costs: Sequence[int], budget: int) -> list[list[int]]:
 
 def decode_in_batches(
     spans: Sequence[Span],
-    generator_context: int,
-    batch_tokens: int | None,
-    decode_batch: Callable[[Sequence[Span]], list[Tensor]],
+    costs: Sequence[int],
+    budget: int,
+    decode_pass: Callable[[Sequence[Span]], list[Tensor]],
     max_batch: int | None = None,
 ) -> list[Tensor]:
-    """``decode_batch`` over passes within ``batch_tokens`` (None: one pass) and of at
-    most ``max_batch`` spans; the results in the order of ``spans``."""
+    """``decode_pass`` over passes of padded cost within ``budget`` (``costs``: one per
+    span) and of at most ``max_batch`` spans; the results in the order of ``spans``."""
     if not spans:
         return []
-    if batch_tokens is None:
-        batches = [list(range(len(spans)))]
-    else:
-        costs = [span_cost(span, generator_context) for span in spans]
-        batches = split_batches(costs, batch_tokens)
     size = max_batch or len(spans)
     results: list[Tensor | None] = [None] * len(spans)
-    for batch in batches:
+    for batch in split_batches(costs, budget):
         for start in range(0, len(batch), size):
             part = batch[start : start + size]
-            for i, audio in zip(part, decode_batch([spans[i] for i in part]), strict=True):
+            for i, audio in zip(part, decode_pass([spans[i] for i in part]), strict=True):
                 results[i] = audio
     return results  # type: ignore[return-value]

@@ -1,22 +1,12 @@
 """Window decodes replayed from CUDA graphs, one graph per bucket of shapes.
 
-On a GPU a streaming chunk is small work in many small kernels (dozens of
-convolutions, each with its norms and activations, launched from Python), so its
-decode time is expected to be mostly launch time; ``bench_decoder.py --device cuda
---only graphs`` measures it. A CUDA graph records the kernels once for an input
-shape and replays them with one launch.
-
-Shapes are made few by bucketing. A batch is padded to a power of two (repeating
-its first span) and its windows to a multiple of ``LENGTH_STEP`` tokens, with a
-mask, just as :func:`.spans.pad_batch` pads a batch of windows of different
-lengths: the audio is that of the eager window decode. Every tensor the graph
-reads or writes is a static buffer of its bucket; the speaker d-vector is computed
-outside (it builds a small tensor on the host, which a capture forbids).
-
-Batches over the largest bucket are split. Spans whose windows are longer than
-``max_tokens`` (whole utterances, not chunks) and shapes past ``max_graphs``
-buckets go through the eager window decode; after a failed capture, the buckets
-run eagerly.
+On a GPU a streaming chunk is small work in many small kernels launched from Python,
+so launches, not arithmetic, bound it; a CUDA graph replays them with one launch.
+Shapes are made few by bucketing: a batch is padded to a power of two (repeating its
+first span) and its windows to a multiple of ``LENGTH_STEP`` tokens, with masks, so
+the audio is that of the eager window decode. Windows longer than ``max_tokens``
+(whole utterances), shapes past ``max_graphs`` buckets, and every bucket after a
+failed capture run eagerly.
 """
 
 from __future__ import annotations
@@ -24,30 +14,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from decoder_gateway.codec.runtime.batching import decode_in_batches
-from decoder_gateway.codec.runtime.spans import Span, SpanModel, Window, decode_spans, token_windows
+from decoder_gateway.codec.model.bicodec import BiCodecDecoder
+from decoder_gateway.codec.runtime.spans import Span, Window, decode_pass, token_windows
 
 logger = logging.getLogger(__name__)
 
 LENGTH_STEP = 16  # tokens: windows are padded up to a multiple of this
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-class GraphModel(SpanModel, Protocol):
-    """What graphed decoding needs of a model: :class:`~.bicodec.BiCodecDecoder` has it."""
-
-    batch_tokens: int | None
-
-    def speaker_d_vector(self, global_tokens: Tensor) -> Tensor: ...
-
-    def prenet_features(
-        self, semantic: Tensor, d_vector: Tensor, mask: Tensor | None
-    ) -> Tensor: ...
 
 
 @dataclass
@@ -68,15 +45,19 @@ def _round_up(n: int, step: int) -> int:
 
 
 class WindowGraphs:
-    """Bucketed window decodes of ``model``, replayed from CUDA graphs when ``capture``.
+    """Bucketed window passes of ``model``, replayed from CUDA graphs when ``capture``.
 
     Without ``capture`` (a CPU, or the tests) the same bucketed, padded passes run
-    eagerly: the audio is the same, only the launches differ.
+    eagerly: the audio is the same, only the launches differ. Every tensor a graph
+    reads or writes is a static buffer of its bucket; the speaker d-vector is computed
+    outside (it builds a small tensor on the host, which a capture forbids).
     """
+
+    max_batch = BATCH_BUCKETS[-1]  # spans per pass at most: the largest bucket
 
     def __init__(
         self,
-        model: GraphModel,
+        model: BiCodecDecoder,
         *,
         capture: bool | None = None,
         max_tokens: int = 256,
@@ -88,22 +69,17 @@ class WindowGraphs:
         self._buckets: dict[tuple[int, int, int], _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.failure: str | None = None  # why capturing stopped, if it did
-        self.replays = 0  # passes served by a graph (or a bucket, without capture)
-        self.eager_spans = 0  # spans that went the eager window decode
 
     @torch.inference_mode()
-    def decode(self, spans: Sequence[Span]) -> list[Tensor]:
-        """Audio of each span (float32, on the CPU), as :func:`.spans.decode_spans` gives it."""
-        model = self.model
-        return decode_in_batches(
-            spans,
-            model.generator_context,
-            model.batch_tokens,
-            self._decode_batch,
-            max_batch=BATCH_BUCKETS[-1],
-        )
-
-    def _decode_batch(self, spans: Sequence[Span]) -> list[Tensor]:
+    def decode_pass(self, spans: Sequence[Span]) -> list[Tensor]:
+        """One pass of at most :attr:`max_batch` spans (their streams unused): the audio
+        of each (float32, on the CPU), as :func:`.spans.decode_pass` gives it."""
+        if not spans:
+            return []
+        if len(spans) > self.max_batch:
+            raise ValueError(
+                f"{len(spans)} spans in one pass; the largest bucket holds {self.max_batch}"
+            )
         model = self.model
         prenet_windows, gen_windows = token_windows(model, spans)
         prenet_len = _round_up(max(b - a for a, b in prenet_windows), LENGTH_STEP)
@@ -113,8 +89,10 @@ class WindowGraphs:
         if prenet_len > self.max_tokens or (
             key not in self._buckets and len(self._buckets) >= self.max_graphs
         ):
-            self.eager_spans += len(spans)
-            return decode_spans(model, spans)
+            # Debug only: how often a deployment misses its buckets is worth a look
+            # when tuning max_tokens and max_graphs, not a line per pass in production.
+            logger.debug("eager window decode of %d spans (no bucket for %s)", len(spans), key)
+            return decode_pass(model, spans)
 
         bucket = self._buckets.get(key) or self._new_bucket(key)
         self._fill(bucket, spans, prenet_windows, gen_windows)
@@ -124,7 +102,7 @@ class WindowGraphs:
             bucket.graph.replay()
         else:
             self._run(bucket)
-        self.replays += 1
+        logger.debug("bucket %s served a pass of %d spans", key, len(spans))
         assert bucket.audio is not None
         audio = bucket.audio[: len(spans)].float().cpu()  # (B, hop * Lg)
         hop = model.hop_length

@@ -1,49 +1,29 @@
 """Streaming without recomputation: each layer's settled state, kept per stream.
 
-The decode path is a chain of *stages*. Each holds one temporal convolution (a k7
-conv, a depthwise conv, a dilated conv or a transposed-conv upsampler) between
-per-frame maps, with or without a residual around it::
+The decode path is a chain of *stages*, each one temporal convolution between
+per-frame maps (``y = post(conv(pre(x)))``, with or without a residual). An output
+is *settled* once every input it reads is known; it then equals the full decode's
+whatever tokens follow. A stream keeps, per stage, how far it has settled and the
+inputs the next outputs still read (:mod:`.stream_state`), so each settled output
+is computed once. A chunk with less look-ahead than the receptive field is
+*provisional*: the outputs it wants that have not settled are computed for it from
+the kept state, as if the sequence ended at its window's end, and not kept.
 
-    y = post(conv(pre(x)))        or        y = x + post(conv(pre(x)))
-
-Tokens enter the first stage (the prenet's first embed conv) and audio leaves the
-last (the generator's output conv, then tanh): 19 prenet stages, the generator's
-first conv, 4 x (upsampler + 3 residual units) and the output conv.
-
-An output of a stage is *settled* once every input it reads is known: it then
-equals the full decode's, whatever tokens follow. A :class:`DecodeStream` keeps,
-per stage, how far inputs and outputs have settled and the last inputs that the
-next outputs still read. Advancing a stream to ``P`` tokens computes each newly
-settled output once, from those kept inputs and the new ones: a stream's settled
-outputs cost one full decode in total.
-
-A chunk of audio planned with less look-ahead than the receptive field is
-*provisional*: it is the full decode of the tokens so far, as if the sequence
-ended at the chunk's window end ``P``, and the outputs that read past ``P`` differ
-from the final ones. Its audio is computed from the settled state, stage by stage,
-for exactly the outputs that the wanted samples read (their cone) and that have
-not settled; the zero padding at ``P`` goes in where the full decode of the first
-``P`` tokens has it. Nothing provisional is kept.
-
-All of it is batched across streams: per stage, one conv call over the pieces of
-every stream in the batch (right-padded; a valid conv never lets the padding reach
-an item's own outputs), or, at the token rate, where pieces are a few frames and
-the weights large, one matrix product over all their frames.
-:func:`decode_streamed` serves :class:`~.spans.Span` s that carry a stream; a span
-that its stream cannot serve (decoded out of order) falls back to the plain window
-decode of :mod:`.spans`, which gives the same audio.
+Work is batched across streams, stage by stage. A span that its stream cannot serve
+(decoded out of order) falls back to the plain window decode, with the same audio.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from decoder_gateway.codec.model.bicodec import BiCodecDecoder
 from decoder_gateway.codec.model.layers import (
     ConvNeXtBlock,
     DecoderBlock,
@@ -51,42 +31,19 @@ from decoder_gateway.codec.model.layers import (
     Snake,
     UnitSamplingBlock,
 )
-from decoder_gateway.codec.runtime.spans import Span, decode_spans
+from decoder_gateway.codec.runtime.spans import Span
+from decoder_gateway.codec.runtime.stream_state import (
+    DecodeStream,
+    StageState,
+    StreamState,
+    Stretch,
+    take,
+)
 
-if TYPE_CHECKING:
-    from decoder_gateway.codec.model.bicodec import BiCodecDecoder
+logger = logging.getLogger(__name__)
 
 # (B, C, T) or (B, T) ids, (B, D) d-vector -> (B, C', T); per frame
 FrameMap = Callable[[Tensor, Tensor], Tensor]
-
-
-# -- pieces of sequences ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Seg:
-    """Positions ``[start, start + length)`` of a sequence; time is the last axis."""
-
-    data: Tensor  # (1, C, L) activations or (1, L) token ids
-    start: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.data.shape[-1]
-
-
-def take(parts: Sequence[Seg | None], lo: int, hi: int) -> Tensor:
-    """Positions ``[lo, hi)`` (non-empty) gathered from ``parts``, in order of position."""
-    pieces, at = [], lo
-    for part in parts:
-        if part is None or at >= hi or not part.start <= at < part.end:
-            continue
-        stop = min(hi, part.end)
-        pieces.append(part.data[..., at - part.start : stop - part.start])
-        at = stop
-    if at < hi or not pieces:
-        raise RuntimeError(f"stream state lacks positions [{at}, {hi})")
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 # -- stages -------------------------------------------------------------------------
@@ -121,9 +78,9 @@ class Stage:
         if not plain:
             raise ValueError(f"streaming supports centred convs and plain upsamplers, not {conv}")
         self.up = self.stride if self.transposed else 1
-        # At the token rate a chunk has few frames and the conv big weights (model.0:
-        # 44 MB, the first upsampler: 75 MB): a plain matrix product over the frames
-        # of every piece at once reads them once, where the conv is 3x slower.
+        # At the token rate a chunk has few frames and the conv big weights: a plain
+        # matrix product over the frames of every piece at once reads them once, where
+        # the conv call is slower.
         self.as_matmul = rate_in == 1 and conv.groups == 1 and self.dilation == 1
 
     def settled(self, n_in: int) -> int:
@@ -139,9 +96,9 @@ class Stage:
             return -((k - 1 - lo - p) // s), (hi - 1 + p) // s + 1
         return lo - self.pad, hi + self.pad
 
-    def piece(
-        self, parts: Sequence[Seg | None], lo: int, hi: int, end: int | None, cond: Tensor
-    ) -> Piece:
+    def work(
+        self, parts: Sequence[Stretch | None], lo: int, hi: int, end: int | None, cond: Tensor
+    ) -> StageWork:
         """The work for outputs ``[lo, hi)``, its inputs taken from ``parts``.
 
         Zeros stand in for inputs before position 0 and from ``end`` on (the end of
@@ -151,10 +108,10 @@ class Stage:
         first, stop = max(a, 0), b if end is None else min(b, end)
         raw = take(parts, first, stop)
         if self.transposed:  # an absent input adds nothing: no zeros needed
-            return Piece(raw, first, lo, hi, 0, 0, cond)
-        return Piece(raw, a, lo, hi, first - a, b - stop, cond)
+            return StageWork(raw, first, lo, hi, 0, 0, cond)
+        return StageWork(raw, a, lo, hi, first - a, b - stop, cond)
 
-    def run(self, pieces: Sequence[Piece], cond: Tensor) -> list[Tensor]:
+    def run(self, pieces: Sequence[StageWork], cond: Tensor) -> list[Tensor]:
         """Outputs ``[lo, hi)`` of each piece, (1, C_out, hi - lo) each, in one batch.
 
         ``cond`` (B, D) holds the pieces' d-vectors in order.
@@ -188,7 +145,7 @@ class Stage:
         y = self.post(y, cond)  # (B, C_out, L_out)
         return [self._finish(piece, y[i : i + 1]) for i, piece in enumerate(pieces)]
 
-    def _finish(self, piece: Piece, y: Tensor) -> Tensor:
+    def _finish(self, piece: StageWork, y: Tensor) -> Tensor:
         """The piece's outputs ``[lo, hi)`` of its valid conv output ``y`` (1, C_out, L_out)."""
         if self.transposed:  # position of local output 0, from that of the first input
             first = self.stride * piece.start - self.pad
@@ -238,7 +195,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Piece:
+class StageWork:
     """Work for one stream at one stage: its outputs ``[lo, hi)``.
 
     The conv input starts at position ``start``: ``zeros_before`` zeros (positions
@@ -394,70 +351,25 @@ def build_stages(model: BiCodecDecoder) -> list[Stage]:
     return stages
 
 
-# -- per-stream state ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageState:
-    """How far a stage has settled, and the settled inputs its next outputs read."""
-
-    n_in: int = 0  # inputs settled
-    n_out: int = 0  # outputs settled
-    kept: Seg | None = None  # inputs [from, n_in) that outputs n_out and later read
-
-
-@dataclass(frozen=True)
-class StreamState:
-    """A stream's state between spans: replaced whole, once a batch has decoded."""
-
-    fed: int  # tokens advanced through the stages
-    stages: tuple[StageState, ...]
-    audio: Seg | None  # settled samples from `audio_from` on (ends at the last stage's n_out)
-    audio_from: int  # no span asks for samples before this one any more
-
-
-class DecodeStream:
-    """One stream's settled decode state, advanced by the spans that carry it.
-
-    A :class:`~.streaming.StreamingSession` makes one and attaches it to the spans it
-    plans. The spans must be decoded in the order planned, each at most once; they
-    may share a batch with each other (they then run one after the other) and with
-    any other spans. ``keep_tokens`` is how far a span may reach back before the end
-    of the one before (the crossfade); the settled samples from there on are kept.
-    """
-
-    def __init__(self, decoder: BiCodecDecoder, global_tokens: Tensor, keep_tokens: int) -> None:
-        self.decoder = decoder
-        self.global_tokens = global_tokens
-        self.keep_tokens = keep_tokens
-        self.state = StreamState(0, (), None, 0)
-        self.fallbacks = 0  # spans this stream could not serve (decoded as plain windows)
-        self._cond: Tensor | None = None
-
-    def cond(self) -> Tensor:
-        """The speaker d-vector (1, D), computed once."""
-        if self._cond is None:
-            tokens = self.global_tokens.to(self.decoder.device).unsqueeze(0)
-            self._cond = self.decoder.speaker_encoder(tokens)
-        return self._cond
+# -- decoding spans of streams ---------------------------------------------------------
 
 
 @dataclass
-class _Job:
+class _StreamStep:
     """One span of one stream, on a working copy of the stream's state."""
 
     index: int  # in the batch of spans
     stream: DecodeStream
-    tokens: Seg  # (1, T) ids of the span's window, on the model's device
+    tokens: Stretch  # (1, T) ids of the span's window, on the model's device
     lo: int  # samples wanted, in the stream
     hi: int
     fed: int
     stages: list[StageState]
-    audio: Seg | None
+    audio: Stretch | None
     audio_from: int
     # Per stage, the outputs [lo, hi) to compute provisionally (None: none).
     plan: list[tuple[int, int] | None] = field(default_factory=list)
-    provisional: Seg | None = None  # the samples computed so
+    provisional: Stretch | None = None  # its provisional samples, once computed
 
     @property
     def window_end(self) -> int:
@@ -465,11 +377,18 @@ class _Job:
 
 
 @torch.inference_mode()
-def decode_streamed(model: BiCodecDecoder, spans: Sequence[Span]) -> list[Tensor]:
-    """Audio of each span (float32, on the CPU), as :func:`~.spans.decode_spans` gives it.
+def decode_streamed(
+    model: BiCodecDecoder,
+    stages: Sequence[Stage],
+    spans: Sequence[Span],
+    decode_windows: Callable[[Sequence[Span]], list[Tensor]],
+) -> list[Tensor]:
+    """Audio of each span (float32, on the CPU), as the plain window decode gives it.
 
-    Spans with a stream advance it and reuse its settled state; the rest, and any
-    that its stream cannot serve, are decoded as plain windows in one batch.
+    Spans with a stream advance it through ``stages`` (:func:`build_stages` of
+    ``model``) and reuse its settled state; the rest, and any that its stream cannot
+    serve, go to ``decode_windows`` without their stream. The streams' new states are
+    committed only once every span has decoded, so a failed batch leaves them as they were.
     """
     results: list[Tensor | None] = [None] * len(spans)
     plain = [i for i, span in enumerate(spans) if span.stream is None]
@@ -484,41 +403,45 @@ def decode_streamed(model: BiCodecDecoder, spans: Sequence[Span]) -> list[Tensor
                 rounds.append([])
             rounds[r].append(i)
 
-    stages = model.streaming_stages() if rounds else []
     working: dict[int, StreamState] = {}
     streams: dict[int, DecodeStream] = {}
     for indices in rounds:
-        jobs = []
+        steps = []
         for i in indices:
             stream = spans[i].stream
             assert stream is not None
             state = working.get(id(stream), stream.state)
-            job = _make_job(model, stages, i, spans[i], stream, state)
-            if job is None:
-                stream.fallbacks += 1
+            step = _make_step(model, stages, i, spans[i], stream, state)
+            if step is None:
+                # Logged, not raised: the audio is the same, only the reuse is lost.
+                logger.debug(
+                    "stream span [%d, %d) at token %d decoded as a plain window: its "
+                    "stream's state cannot serve it (decoded out of order?)",
+                    spans[i].start,
+                    spans[i].end,
+                    spans[i].offset,
+                )
                 plain.append(i)
             else:
-                jobs.append(job)
-        if not jobs:
+                steps.append(step)
+        if not steps:
             continue
-        _advance(stages, jobs)
-        _provisional(stages, jobs)
+        _advance(stages, steps)
+        _provisional(stages, steps)
         hop = model.hop_length
-        for job in jobs:
-            results[job.index] = _served_audio(job)
-            span = spans[job.index]
-            keep_from = (span.offset + span.end - job.stream.keep_tokens) * hop
-            job.audio_from = max(job.audio_from, keep_from)
-            working[id(job.stream)] = StreamState(
-                job.fed, tuple(job.stages), _trim(job.audio, job.audio_from), job.audio_from
+        for step in steps:
+            results[step.index] = _served_audio(step)
+            span = spans[step.index]
+            keep_from = (span.offset + span.end - step.stream.keep_tokens) * hop
+            step.audio_from = max(step.audio_from, keep_from)
+            working[id(step.stream)] = StreamState(
+                step.fed, tuple(step.stages), _trim(step.audio, step.audio_from), step.audio_from
             )
-            streams[id(job.stream)] = job.stream
+            streams[id(step.stream)] = step.stream
 
     if plain:
         plain.sort()
-        audio = decode_spans(
-            model, [replace(spans[i], stream=None) for i in plain], model.batch_tokens
-        )
+        audio = decode_windows([replace(spans[i], stream=None) for i in plain])
         for i, samples in zip(plain, audio, strict=True):
             results[i] = samples
     for key, state in working.items():  # commit only once every span has decoded
@@ -527,15 +450,15 @@ def decode_streamed(model: BiCodecDecoder, spans: Sequence[Span]) -> list[Tensor
     return results  # type: ignore[return-value]
 
 
-def _make_job(
+def _make_step(
     model: BiCodecDecoder,
-    stages: list[Stage],
+    stages: Sequence[Stage],
     index: int,
     span: Span,
     stream: DecodeStream,
     state: StreamState,
-) -> _Job | None:
-    """The job for ``span``, or None when the stream's state cannot serve it."""
+) -> _StreamStep | None:
+    """The step for ``span``, or None when the stream's state cannot serve it."""
     length = span.semantic.numel()
     if not 0 <= span.start < span.end <= length:
         raise ValueError(f"span [{span.start}, {span.end}) outside 0..{length}")
@@ -543,116 +466,120 @@ def _make_job(
     hop = model.hop_length
     lo, hi = (span.offset + span.start) * hop, (span.offset + span.end) * hop
     if (
-        stream.decoder is not model
+        stream.model is not model
         or not span.offset <= state.fed <= window_end  # tokens missing, or already past
         or lo < state.audio_from  # settled samples no longer kept
     ):
         return None
-    tokens = Seg(span.semantic.to(model.device).unsqueeze(0), span.offset)
+    tokens = Stretch(span.semantic.to(model.device).unsqueeze(0), span.offset)
     stage_states = list(state.stages) or [StageState() for _ in stages]
-    return _Job(
+    return _StreamStep(
         index, stream, tokens, lo, hi, state.fed, stage_states, state.audio, state.audio_from
     )
 
 
-def _conds(pieces: Sequence[Piece]) -> Tensor:
+def _conds(pieces: Sequence[StageWork]) -> Tensor:
     return torch.cat([piece.cond for piece in pieces])  # (B, D)
 
 
-def _advance(stages: list[Stage], jobs: list[_Job]) -> None:
-    """Settle every output that the tokens up to each job's window end settle."""
-    # New settled inputs of the current stage, per job: tokens first, then activations.
-    new: list[Seg | None] = [
-        Seg(job.tokens.data[:, job.fed - job.tokens.start :], job.fed)
-        if job.window_end > job.fed
+def _advance(stages: Sequence[Stage], steps: list[_StreamStep]) -> None:
+    """Settle every output that the tokens up to each step's window end settle."""
+    # New settled inputs of the current stage, per step: tokens first, then activations.
+    new: list[Stretch | None] = [
+        Stretch(step.tokens.data[:, step.fed - step.tokens.start :], step.fed)
+        if step.window_end > step.fed
         else None
-        for job in jobs
+        for step in steps
     ]
     for k, stage in enumerate(stages):
         pieces, owners = [], []
-        for j, job in enumerate(jobs):
-            state, fresh = job.stages[k], new[j]
+        for j, step in enumerate(steps):
+            state, fresh = step.stages[k], new[j]
             n_in = state.n_in if fresh is None else fresh.end
             n_out = stage.settled(n_in)
             parts = (state.kept, fresh)
             if n_out > state.n_out:
-                cond = job.stream.cond()
-                pieces.append(stage.piece(parts, state.n_out, n_out, None, cond))
+                cond = step.stream.cond()
+                pieces.append(stage.work(parts, state.n_out, n_out, None, cond))
                 owners.append(j)
             keep_from = max(0, stage.reads(n_out, n_out + 1)[0])
             kept = (
-                Seg(take(parts, keep_from, n_in).clone(), keep_from) if keep_from < n_in else None
+                Stretch(take(parts, keep_from, n_in).clone(), keep_from)
+                if keep_from < n_in
+                else None
             )
-            job.stages[k] = StageState(n_in, n_out, kept)
+            step.stages[k] = StageState(n_in, n_out, kept)
             new[j] = None
         if pieces:
             outputs = stage.run(pieces, _conds(pieces))
             for j, piece, out in zip(owners, pieces, outputs, strict=True):
-                new[j] = Seg(out, piece.lo)
-    for j, job in enumerate(jobs):
-        job.fed = job.window_end
+                new[j] = Stretch(out, piece.lo)
+    for j, step in enumerate(steps):
+        step.fed = step.window_end
         settled = new[j]
         if settled is not None:  # settled samples, appended to the kept ones
-            if job.audio is None:
-                job.audio = settled
+            if step.audio is None:
+                step.audio = settled
             else:
-                assert job.audio.end == settled.start
-                job.audio = Seg(torch.cat([job.audio.data, settled.data], -1), job.audio.start)
-            job.audio = _trim(job.audio, job.audio_from)
+                assert step.audio.end == settled.start
+                step.audio = Stretch(
+                    torch.cat([step.audio.data, settled.data], -1), step.audio.start
+                )
+            step.audio = _trim(step.audio, step.audio_from)
 
 
-def _provisional(stages: list[Stage], jobs: list[_Job]) -> None:
-    """Compute each job's wanted samples that have not settled, for its window end.
+def _provisional(stages: Sequence[Stage], steps: list[_StreamStep]) -> None:
+    """Compute each step's wanted samples that have not settled, for its window end.
 
     Backwards from the samples: the outputs of each stage that they read and that
     have not settled (the settled ones are in the stage's kept inputs).
     """
-    for job in jobs:
-        job.plan = [None] * len(stages)
-        lo, hi = max(job.lo, job.stages[-1].n_out), job.hi
+    for step in steps:
+        step.plan = [None] * len(stages)
+        lo, hi = max(step.lo, step.stages[-1].n_out), step.hi
         for k in reversed(range(len(stages))):
             if lo >= hi:
                 break
-            job.plan[k] = (lo, hi)
+            step.plan[k] = (lo, hi)
             a, b = stages[k].reads(lo, hi)
-            lo, hi = max(a, 0, job.stages[k].n_in), min(b, job.window_end * stages[k].rate_in)
-    previous: list[Seg | None] = [job.tokens for job in jobs]
+            lo, hi = max(a, 0, step.stages[k].n_in), min(b, step.window_end * stages[k].rate_in)
+    previous: list[Stretch | None] = [step.tokens for step in steps]
     for k, stage in enumerate(stages):
         pieces, owners = [], []
-        for j, job in enumerate(jobs):
-            wanted = job.plan[k]
+        for j, step in enumerate(steps):
+            wanted = step.plan[k]
             if wanted is None:
                 previous[j] = None
                 continue
-            end = job.window_end * stage.rate_in
-            parts = (job.stages[k].kept, previous[j])
-            pieces.append(stage.piece(parts, *wanted, end, job.stream.cond()))
+            end = step.window_end * stage.rate_in
+            parts = (step.stages[k].kept, previous[j])
+            pieces.append(stage.work(parts, *wanted, end, step.stream.cond()))
             owners.append(j)
         if pieces:
             outputs = stage.run(pieces, _conds(pieces))
             for j, piece, out in zip(owners, pieces, outputs, strict=True):
-                previous[j] = Seg(out, piece.lo)
-    for j, job in enumerate(jobs):
-        job.provisional = previous[j]  # the last stage's: samples
+                previous[j] = Stretch(out, piece.lo)
+    for j, step in enumerate(steps):
+        step.provisional = previous[j]  # the last stage's: samples
 
 
-def _served_audio(job: _Job) -> Tensor:
+def _served_audio(step: _StreamStep) -> Tensor:
     """Samples ``[lo, hi)``: the settled ones kept, then the provisional ones."""
-    settled_end = job.stages[-1].n_out
+    settled_end = step.stages[-1].n_out
     parts = []
-    if job.lo < settled_end:
-        parts.append(take([job.audio], job.lo, min(job.hi, settled_end)))
-    if job.hi > settled_end:
-        assert job.provisional is not None and job.provisional.end == job.hi
-        parts.append(job.provisional.data)
+    if step.lo < settled_end:
+        parts.append(take([step.audio], step.lo, min(step.hi, settled_end)))
+    if step.hi > settled_end:
+        assert step.provisional is not None and step.provisional.end == step.hi
+        parts.append(step.provisional.data)
     audio = parts[0] if len(parts) == 1 else torch.cat(parts, -1)  # (1, 1, hi - lo)
     return audio[0, 0].float().cpu()
 
 
-def _trim(seg: Seg | None, keep_from: int) -> Seg | None:
+def _trim(seg: Stretch | None, keep_from: int) -> Stretch | None:
     """``seg`` without the positions before ``keep_from`` (a copy, so the rest is freed)."""
     if seg is None or seg.end <= keep_from:
         return None
     if seg.start >= keep_from:
         return seg
-    return Seg(seg.data[..., keep_from - seg.start :].clone(), keep_from)
+    return Stretch(seg.data[..., keep_from - seg.start :].clone(), keep_from)

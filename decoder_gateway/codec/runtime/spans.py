@@ -1,30 +1,23 @@
-"""Span decoding: the audio of tokens ``[start, end)`` of a sequence, as a full decode gives it.
+"""Spans: the audio of tokens ``[start, end)`` of a sequence, as a full decode gives it.
 
-Every decode goes through :func:`decode_spans`. Full decodes, batches and streaming
-chunks are all lists of spans, so there is one code path to get right and to batch.
-
-BiCodec is not causal, but its reach is bounded: a token's samples depend on the
-prenet features of ``generator_context`` tokens each side, which depend on the
-tokens ``receptive_field`` each side. So a span needs only that much of its
-sequence around it, and a window clipped at the sequence's ends sees the same zero
-padding there as the full decode. The prenet is cheap and runs on the wide window;
-the costly wave generator runs on the narrow one.
+Full decodes, batches and streaming chunks are all lists of spans, so there is one
+thing to get right and to batch. BiCodec is not causal, but its reach is bounded: a
+span needs only ``receptive_field`` tokens of its sequence each side for the prenet
+(cheap, run on the wide window) and ``generator_context`` for the costly wave
+generator (run on the narrow one). A window clipped at the sequence's ends sees the
+same zero padding there as the full decode.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from decoder_gateway.codec.runtime.batching import decode_in_batches
-
-if TYPE_CHECKING:
-    from decoder_gateway.codec.runtime.incremental import DecodeStream
+from decoder_gateway.codec.model.bicodec import BiCodecDecoder
+from decoder_gateway.codec.runtime.stream_state import DecodeStream
 
 
 @dataclass(frozen=True)
@@ -35,7 +28,7 @@ class Span:
     global_tokens: Tensor  # (32,) int64, already validated
     start: int
     end: int
-    # A streaming session's spans carry its decode state: the model then reuses what
+    # A streaming session's spans carry its decode state: the decoder then reuses what
     # earlier spans of the stream settled (see :mod:`.incremental`). ``semantic[0]``
     # is token ``offset`` of the stream, and ``semantic`` ends where the stream's
     # tokens are known to end for this span (the full decode of it is the answer).
@@ -43,52 +36,13 @@ class Span:
     offset: int = 0
 
 
-class SpanModel(Protocol):
-    """What span decoding needs of a model: :class:`~.bicodec.BiCodecDecoder` has it.
-
-    A protocol rather than an import, so that the model may use this module.
-    """
-
-    @property
-    def hop_length(self) -> int: ...
-
-    @property
-    def receptive_field(self) -> int: ...
-
-    @property
-    def generator_context(self) -> int: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    def features(self, semantic: Tensor, global_tokens: Tensor, mask: Tensor | None) -> Tensor:
-        """(B, T) semantic ids + (B, 32) global ids -> wave generator input (B, C, T)."""
-        ...
-
-    def waveform(self, features: Tensor, mask: Tensor | None) -> Tensor:
-        """(B, C, T) -> (B, hop * T) samples in the model's dtype and device."""
-        ...
+Window = tuple[int, int]  # tokens [a, b) of a span's sequence
 
 
 @torch.inference_mode()
-def decode_spans(
-    model: SpanModel, spans: Sequence[Span], batch_tokens: int | None = None
-) -> list[Tensor]:
-    """Decode spans; each result is float32 (hop * (end - start),) on the CPU.
-
-    ``batch_tokens``: the most tokens of generator window in one forward pass (see
-    :mod:`.batching`); None: all spans in one pass.
-    """
-    return decode_in_batches(
-        spans, model.generator_context, batch_tokens, functools.partial(_decode_batch, model)
-    )
-
-
-def _decode_batch(model: SpanModel, spans: Sequence[Span]) -> list[Tensor]:
-    """The spans in one forward pass, padded to the longest window."""
+def decode_pass(model: BiCodecDecoder, spans: Sequence[Span]) -> list[Tensor]:
+    """The spans' windows in one forward pass, padded to the longest (their streams
+    unused); each result is float32 (hop * (end - start),) on the CPU."""
     if not spans:
         return []
     hop = model.hop_length
@@ -117,10 +71,9 @@ def _decode_batch(model: SpanModel, spans: Sequence[Span]) -> list[Tensor]:
     ]
 
 
-Window = tuple[int, int]  # tokens [a, b) of a span's sequence
-
-
-def token_windows(model: SpanModel, spans: Sequence[Span]) -> tuple[list[Window], list[Window]]:
+def token_windows(
+    model: BiCodecDecoder, spans: Sequence[Span]
+) -> tuple[list[Window], list[Window]]:
     """The tokens each span's decode reads: wide for the prenet, narrow for the wave
     generator, both clipped to the sequence (whose ends are zero padding there too)."""
     gen_ctx, full_ctx = model.generator_context, model.receptive_field

@@ -1,32 +1,14 @@
 """Streaming decode: semantic tokens in as the LLM writes them, audio chunks out.
 
-BiCodec is not causal: a sample of token t depends on tokens t-67 .. t+67. Left
-context costs nothing but compute (we keep the past), right context (look-ahead)
-costs latency. The session therefore plans chunks on a schedule:
-
-* the first chunk is small with a short look-ahead, so audio starts after
-  ``first_chunk_tokens + first_lookahead_tokens`` tokens; or, with a
-  ``first_audio_budget_s``, the first chunk takes as much look-ahead as the tokens
-  that arrive within that time after the first one (at the rate measured so far);
-* later chunks take as much look-ahead as the LLM's lead over playback allows,
-  assuming the LLM writes ``assumed_speedup`` times faster than real time, up to
-  the full receptive field, from where on every chunk is sample-exact;
-* where a chunk was approximate, the next one re-decodes its last
-  ``crossfade_samples`` with more context and blends them in (raised-cosine,
-  equal-gain), hiding the join;
-* the start and the end of the stream are exact (the same zero padding as a full
-  decode), and the chunks add up to exactly ``hop_length`` samples per token: each
-  chunk but the last holds back its last ``crossfade_samples`` for the next one to
-  blend, so after :meth:`StreamingSession.finish` there is always a last chunk,
-  even one with no new token, that re-decodes the held tail up to the true end.
-
-Without a first-audio budget the schedule depends only on token counts, never on
-timing, so a stream's audio is reproducible; with one, only the first chunk's
-look-ahead depends on when the tokens came. Planning (:meth:`StreamingSession.plan`)
-and decoding are apart so that a worker can batch the chunks of many sessions into
-one forward pass. Each session's spans carry its :class:`~.incremental.DecodeStream`,
-so the decoder computes every sample that has settled once, and recomputes only
-what an approximate chunk's missing look-ahead changes.
+BiCodec is not causal: a sample depends on ``receptive_field`` tokens each side. The
+past costs only compute, but look-ahead costs latency, so a session plans chunks on
+a schedule: a small first chunk with short look-ahead (or as much as arrives within
+a first-audio budget), then as much look-ahead as the LLM's lead over playback
+allows, up to the receptive field. An approximate chunk's tail is re-decoded by the
+next chunk and crossfaded in; the start and the end are exact, and the chunks add up
+to ``hop_length`` samples per token. Planning is apart from decoding so that a
+worker can batch the chunks of many sessions; each session's spans carry its
+:class:`~.stream_state.DecodeStream`, so settled samples are computed once.
 """
 
 from __future__ import annotations
@@ -41,8 +23,8 @@ import torch
 from torch import Tensor
 
 from decoder_gateway.codec.model.bicodec import BiCodecDecoder, TokenInput
-from decoder_gateway.codec.runtime.incremental import DecodeStream
 from decoder_gateway.codec.runtime.spans import Span
+from decoder_gateway.codec.runtime.stream_state import DecodeStream
 
 
 @dataclass(frozen=True)
@@ -89,20 +71,28 @@ class PlannedChunk:
 
 
 class StreamingSession:
-    """Decode one utterance incrementally. Not thread-safe; one owner at a time."""
+    """Plan the chunks of one utterance as its tokens come. Not thread-safe; one owner.
+
+    Open one with :meth:`~.decoder.Decoder.open_stream`, which decodes its spans.
+    Each chunk but the last holds back its last ``crossfade_samples`` for the next one
+    to blend, so after :meth:`finish` there is always a last chunk, even one with no
+    new token, that re-decodes the held tail up to the true end. Without a
+    first-audio budget the schedule depends only on token counts, so a stream's
+    audio is reproducible.
+    """
 
     def __init__(
         self,
-        decoder: BiCodecDecoder,
+        model: BiCodecDecoder,
         global_tokens: TokenInput,
         config: StreamingConfig | None = None,
     ) -> None:
-        self.decoder = decoder
+        self.model = model
         self.config = config or StreamingConfig()
-        self.global_tokens = decoder.check_global(global_tokens)
-        self.hop = decoder.hop_length
+        self.global_tokens = model.check_global(global_tokens)
+        self.hop = model.hop_length
         # Look-ahead past the receptive field would add latency and change nothing.
-        limit, field = self.config.max_lookahead_tokens, decoder.receptive_field
+        limit, field = self.config.max_lookahead_tokens, model.receptive_field
         self.max_lookahead = field if limit is None else min(limit, field)
         self.crossfade = min(
             self.config.crossfade_samples, self.config.first_chunk_tokens * self.hop
@@ -122,7 +112,7 @@ class StreamingSession:
         self._pending: deque[PlannedChunk] = deque()
         self._held: Tensor | None = None  # last samples of the previous chunk, to blend
         # What the decoder settled for this stream, reused by the next chunk's span.
-        self.stream = DecodeStream(decoder, self.global_tokens, self._crossfade_tokens)
+        self.stream = DecodeStream(model, self.global_tokens, self._crossfade_tokens)
 
     # -- input --------------------------------------------------------------------
     @property
@@ -149,7 +139,7 @@ class StreamingSession:
         if self._finished:
             raise RuntimeError("push() after finish()")
         ids = [int(token) for token in semantic]
-        size = self.decoder.config.codebook_size
+        size = self.model.config.codebook_size
         for token in ids:
             if not 0 <= token < size:
                 raise ValueError(f"semantic token id {token} is outside [0, {size})")
@@ -243,7 +233,7 @@ class StreamingSession:
 
     def _make_chunk(self, start: int, end: int, window_end: int, final: bool) -> PlannedChunk:
         span_start = max(0, start - self._crossfade_tokens) if start else 0
-        window_start = max(0, span_start - self.decoder.receptive_field)
+        window_start = max(0, span_start - self.model.receptive_field)
         semantic = torch.tensor(self._tokens[window_start:window_end], dtype=torch.long)
         span = Span(
             semantic,

@@ -1,15 +1,10 @@
-"""The one place where decoder forward passes run: off the event loop, batched.
+"""The one place where decoder passes run: off the event loop, batched across streams.
 
-Streams hand in spans and await their audio. A single worker thread owns the
-decoder; while it runs one batch, the spans that arrive meanwhile queue up and go
-together in the next one. That batches concurrent streams without a timer and
-keeps torch off the event loop. A batch holds what fits the decoder's budget of
-tokens per forward pass (``decoder.batch_tokens``, by device: :mod:`.codec.batching`)
-and at most ``max_batch`` spans.
-
-When there is more work than one batch holds, the most urgent goes first: each job
-carries the moment its listener runs out of audio (now, for a first chunk), so a new
-request's first audio never waits behind streams that are seconds ahead.
+One worker thread owns the decoder; while it runs a batch, spans that arrive queue
+up and go together in the next one, which batches concurrent streams without a
+timer. A batch takes the queued jobs that fit the decoder's budget (the decoder
+prices them), most urgent first: each job carries the moment its listener runs out
+of audio, so a new request's first audio never waits behind streams seconds ahead.
 """
 
 from __future__ import annotations
@@ -23,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoder_gateway.codec import BiCodecDecoder, Span
-from decoder_gateway.codec.runtime.batching import span_cost
+from decoder_gateway.codec.model.bicodec import TokenInput
+from decoder_gateway.codec.runtime.decoder import Decoder
+from decoder_gateway.codec.runtime.spans import Span
+from decoder_gateway.codec.runtime.streaming import StreamingConfig, StreamingSession
 from decoder_gateway.errors import DecoderError
 from decoder_gateway.metrics import Metrics
 
@@ -32,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(order=True)
-class _Job:
+class _QueuedSpans:
+    """One caller's spans, waiting for a batch; ordered by urgency."""
+
     deadline: float  # time.monotonic() by which the audio is needed
     sequence: int  # first come, first served among equal deadlines
     spans: list[Span] = field(compare=False)
@@ -40,19 +39,19 @@ class _Job:
 
 
 class DecodeWorker:
+    """Decodes the spans of every stream in shared batches on its one thread."""
+
     def __init__(
-        self, decoder: BiCodecDecoder, max_batch: int = 64, metrics: Metrics | None = None
+        self, decoder: Decoder, max_batch: int = 64, metrics: Metrics | None = None
     ) -> None:
         self.decoder = decoder
         self.metrics = metrics
         self.max_batch = max_batch
-        self._queue: asyncio.PriorityQueue[_Job] = asyncio.PriorityQueue()
+        self._queue: asyncio.PriorityQueue[_QueuedSpans] = asyncio.PriorityQueue()
         self._sequence = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None  # why the worker stopped, if it did
-        self.batches = 0
-        self.spans_decoded = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="decode-worker")
@@ -74,6 +73,12 @@ class DecodeWorker:
         # Waits for a batch in progress: in a thread, so the loop keeps serving meanwhile.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
+    def open_stream(
+        self, global_tokens: TokenInput, config: StreamingConfig | None = None
+    ) -> StreamingSession:
+        """A streaming session whose planned spans this worker's decoder decodes."""
+        return self.decoder.open_stream(global_tokens, config)
+
     async def decode(self, spans: list[Span], deadline: float | None = None) -> list[torch.Tensor]:
         """Audio of each span (float32 CPU tensors), decoded in a shared batch.
 
@@ -86,7 +91,7 @@ class DecodeWorker:
             raise DecoderError(problem)
         future = asyncio.get_running_loop().create_future()
         when = time.monotonic() if deadline is None else deadline
-        self._queue.put_nowait(_Job(when, next(self._sequence), spans, future))
+        self._queue.put_nowait(_QueuedSpans(when, next(self._sequence), spans, future))
         return await future
 
     async def _run(self) -> None:
@@ -106,20 +111,16 @@ class DecodeWorker:
             if not job.future.done():
                 job.future.set_exception(error)
 
-    def _cost(self, job: _Job) -> int:
-        context = self.decoder.generator_context
-        return sum(span_cost(span, context) for span in job.spans)
-
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             jobs = [await self._queue.get()]
-            size, cost = len(jobs[0].spans), self._cost(jobs[0])
+            size, cost = len(jobs[0].spans), self.decoder.cost(jobs[0].spans)
             budget = self.decoder.batch_tokens
             while size < self.max_batch and not self._queue.empty():
                 job = self._queue.get_nowait()
-                job_cost = self._cost(job)
-                if budget is not None and cost + job_cost > budget:
+                job_cost = self.decoder.cost(job.spans)
+                if cost + job_cost > budget:
                     self._queue.put_nowait(job)  # its place is kept: (deadline, sequence)
                     break
                 jobs.append(job)
@@ -140,8 +141,6 @@ class DecodeWorker:
                     if not job.future.done():
                         job.future.set_exception(error)
                 continue
-            self.batches += 1
-            self.spans_decoded += len(spans)
             if self.metrics is not None:
                 self.metrics.decoder_batch_size.observe(len(spans))
                 self.metrics.decoder_batch_seconds.observe(time.perf_counter() - started)

@@ -31,7 +31,7 @@ from decoder_gateway.codec.model.config import BiCodecConfig
 from decoder_gateway.codec.model.loading import (
     CheckpointError,
     LoadReport,
-    _check_shape,
+    check_shape,
     checkpoint_files,
     checkpoint_layout,
 )
@@ -235,6 +235,7 @@ class SpeakerEncoder(nn.Module):
         self.config = config
         self.mel_transformer = MelSpectrogram(config.mel)
         self.speaker_encoder = GlobalEncoder(config)
+        self.load_report: LoadReport | None = None  # set by load_speaker_encoder
 
     # -- facts --------------------------------------------------------------------
     @property
@@ -356,7 +357,7 @@ def _read_speaker_state(
             )
         for key, shape in expected.items():
             tensor = checkpoint.get_tensor(key)
-            _check_shape(key, tuple(tensor.shape), shape)
+            check_shape(key, tuple(tensor.shape), shape)
             # BatchNorm's num_batches_tracked stays an integer.
             state[key] = tensor.float() if tensor.is_floating_point() else tensor
     report.loaded_keys = len(state)

@@ -24,203 +24,21 @@ Exit status: 0 on success, 1 when the server or the connection fails, 2 on bad u
 from __future__ import annotations
 
 import argparse
-import json
-import mimetypes
+import asyncio
 import os
 import sys
 import time
 import wave
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
-from urllib.parse import quote, urlsplit, urlunsplit
 
-import httpx
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.sync.client import ClientConnection, connect
+from decoder_gateway.client.errors import ClientError
+from decoder_gateway.client.gateway import DEFAULT_URL, GatewayClient
+from decoder_gateway.client.sockets import SAMPLE_RATE, SAMPLE_WIDTH
 
-DEFAULT_URL = "http://localhost:8001"
-SAMPLE_RATE = 16000  # PCM16 LE mono; the server also says so in its start frame / headers
-SAMPLE_WIDTH = 2
-WS_PATH = "/v1/audio/speech/stream/ws"
-HTTP_PATH = "/v1/audio/speech/stream"
-VOICES_PATH = "/v1/audio/voices"
 API_KEY_ENV = "GATEWAY_API_KEY"
-
-
-class ClientError(Exception):
-    """A failure to report on stderr (the server's own message where it sent one)."""
-
-
-@dataclass
-class SpeechRequest:
-    text: str
-    voice: str | None = None
-    speaker_id: int | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-
-    def options(self) -> dict[str, object]:
-        """The optional fields that were given; the server's defaults stand for the rest."""
-        fields = {
-            "voice": self.voice,
-            "speaker_id": self.speaker_id,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        return {key: value for key, value in fields.items() if value is not None}
-
-
-def auth_headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def endpoint(base_url: str, path: str, websocket: bool) -> str:
-    """``http(s)://`` or ``ws(s)://`` base URL (any path prefix kept) -> the endpoint."""
-    parts = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
-    secure = parts.scheme in ("https", "wss")
-    if parts.scheme not in ("http", "https", "ws", "wss"):
-        raise ClientError(f"unsupported URL scheme {parts.scheme!r} in {base_url!r}")
-    scheme = ("wss" if secure else "ws") if websocket else ("https" if secure else "http")
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
-
-
-class WebSocketSpeech:
-    """One synthesis over ``WS /v1/audio/speech/stream/ws``; iterating yields PCM chunks."""
-
-    transport = "WebSocket"
-
-    def __init__(
-        self,
-        base_url: str,
-        request: SpeechRequest,
-        timeout_s: float,
-        api_key: str | None = None,
-    ) -> None:
-        self.url = endpoint(base_url, WS_PATH, websocket=True)
-        self.request = request
-        self.timeout_s = timeout_s
-        self.headers = auth_headers(api_key)  # the handshake carries the key
-        self.sample_rate = SAMPLE_RATE
-
-    def __iter__(self) -> Iterator[bytes]:
-        message = {
-            "input": self.request.text,
-            **self.request.options(),
-            "segment_id": 1,
-            "continue": False,  # the only message on this connection
-        }
-        try:
-            ws = connect(
-                self.url,
-                additional_headers=self.headers,
-                open_timeout=self.timeout_s,
-                max_size=16 << 20,
-                compression=None,
-            )
-        except InvalidStatus as err:
-            raise ClientError(
-                f"server error: {error_message(err.response.body, err.response.reason_phrase)} "
-                f"(HTTP {err.response.status_code})"
-            ) from err
-        except (OSError, InvalidHandshake, InvalidURI) as err:
-            raise ClientError(f"cannot connect to {self.url}: {err}") from err
-        with ws:
-            yield from self._exchange(ws, json.dumps(message))
-
-    def _exchange(self, ws: ClientConnection, message: str) -> Iterator[bytes]:
-        samples = 0
-        while True:
-            try:
-                if message:
-                    ws.send(message)
-                    message = ""
-                frame = ws.recv(timeout=self.timeout_s)
-            except TimeoutError as err:
-                raise ClientError(f"no reply from the server for {self.timeout_s:g} s") from err
-            except ConnectionClosed as err:
-                raise ClientError(
-                    f"the server closed the connection before the end of the audio ({err})"
-                ) from err
-            if isinstance(frame, bytes):
-                samples += len(frame) // SAMPLE_WIDTH
-                yield frame
-                continue
-            reply = json.loads(frame)
-            kind = reply.get("type")
-            if kind == "start":
-                self.sample_rate = int(reply.get("sample_rate", SAMPLE_RATE))
-            elif kind == "error":
-                code = f" ({reply['code']})" if reply.get("code") else ""
-                raise ClientError(f"server error: {reply.get('message')}{code}")
-            elif kind == "end":
-                if reply.get("samples") != samples:
-                    raise ClientError(
-                        f"received {samples} samples, the server says it sent {reply['samples']}"
-                    )
-                return
-
-
-class HttpSpeech:
-    """One synthesis over ``POST /v1/audio/speech/stream``; iterating yields PCM chunks."""
-
-    transport = "HTTP"
-
-    def __init__(
-        self,
-        base_url: str,
-        request: SpeechRequest,
-        timeout_s: float,
-        api_key: str | None = None,
-    ) -> None:
-        self.url = endpoint(base_url, HTTP_PATH, websocket=False)
-        self.request = request
-        self.timeout_s = timeout_s
-        self.headers = auth_headers(api_key)
-        self.sample_rate = SAMPLE_RATE
-
-    def __iter__(self) -> Iterator[bytes]:
-        body = {"text": self.request.text, **self.request.options()}
-        received: int | None = None  # bytes of audio, once the response has started
-        try:
-            with (
-                httpx.Client(timeout=self.timeout_s) as client,
-                client.stream("POST", self.url, json=body, headers=self.headers) as response,
-            ):
-                if response.status_code != 200:
-                    response.read()
-                    raise server_error(response)
-                self.sample_rate = int(response.headers.get("X-Sample-Rate", SAMPLE_RATE))
-                received = 0
-                for chunk in response.iter_bytes():
-                    received += len(chunk)
-                    yield chunk
-        except httpx.ConnectError as err:
-            raise ClientError(f"cannot connect to {self.url}: {err}") from err
-        except httpx.TimeoutException as err:
-            raise ClientError(f"no reply from the server for {self.timeout_s:g} s") from err
-        except (httpx.HTTPError, httpx.InvalidURL) as err:
-            if received is None:
-                raise ClientError(f"request to {self.url} failed: {err}") from err
-            # After the first byte a failure can only break the chunked body off.
-            raise ClientError(
-                f"the stream broke off after {received} bytes of audio ({err}); "
-                "the server failed mid-stream"
-            ) from err
-
-
-def error_message(body: bytes, fallback: str) -> str:
-    """The message of the gateway's ``{"error": {"message": ...}}`` body, or the raw text."""
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace").strip() or fallback
-
-
-def server_error(response: httpx.Response) -> ClientError:
-    message = error_message(response.content, response.reason_phrase)
-    return ClientError(f"server error: {message} (HTTP {response.status_code})")
+TRANSPORT_NAMES = {"ws": "WebSocket", "http": "HTTP"}
 
 
 class Progress:
@@ -439,47 +257,6 @@ def build_voices_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class VoicesClient:
-    """The voice endpoints over HTTP; failures raise :class:`ClientError`."""
-
-    def __init__(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
-        self.url = endpoint(base_url, VOICES_PATH, websocket=False)
-        self.headers = auth_headers(api_key)
-        self.timeout_s = timeout_s
-
-    def request(self, method: str, path: str = "", **kwargs: Any) -> dict:
-        url = self.url + path
-        try:
-            with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client:
-                response = client.request(method, url, **kwargs)
-        except httpx.ConnectError as err:
-            raise ClientError(f"cannot connect to {url}: {err}") from err
-        except httpx.TimeoutException as err:
-            raise ClientError(f"no reply from the server for {self.timeout_s:g} s") from err
-        except (httpx.HTTPError, httpx.InvalidURL) as err:
-            raise ClientError(f"request to {url} failed: {err}") from err
-        if not response.is_success:
-            raise server_error(response)
-        try:
-            return response.json()
-        except ValueError as err:
-            raise ClientError(f"{method} {url}: the reply is not JSON") from err
-
-    def add(self, name: str, clip: Path, data: bytes, fields: dict[str, str]) -> dict:
-        media_type = mimetypes.guess_type(clip.name)[0] or "application/octet-stream"
-        return self.request(
-            "POST",
-            files={"audio_sample": (clip.name, data, media_type)},
-            data={"name": name, **fields},
-        )["voice"]
-
-    def list(self) -> dict:
-        return self.request("GET")
-
-    def delete(self, name: str) -> dict:
-        return self.request("DELETE", f"/{quote(name, safe='')}")
-
-
 def voices_table(voices: list[dict]) -> str:
     """Columns id, cloned (yes/no), language, gender; ``-`` for a missing value."""
     rows = [("ID", "CLONED", "LANGUAGE", "GENDER")]
@@ -500,22 +277,12 @@ def voices_table(voices: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-def voices_main(argv: list[str]) -> int:
-    parser = build_voices_parser()
-    args = parser.parse_args(argv)
-    try:
-        client = VoicesClient(args.url, args.api_key, args.timeout)
-    except ClientError as err:
-        parser.error(str(err))
-    try:
+async def run_voices_command(client: GatewayClient, args: argparse.Namespace, clip: bytes) -> None:
+    """The ``voices`` subcommand ``args.command`` (``clip``: the file of ``add``)."""
+    async with client:
         if args.command == "add":
-            clip = Path(args.clip)
-            try:
-                data = clip.read_bytes()
-            except OSError as err:
-                parser.error(f"cannot read {args.clip}: {err.strerror or err}")
             fields = {
-                key: value
+                key: getattr(args, key)
                 for key in (
                     "language",
                     "gender",
@@ -524,17 +291,32 @@ def voices_main(argv: list[str]) -> int:
                     "ref_text",
                     "base_voice",
                 )
-                if (value := getattr(args, key)) is not None
             }
-            voice = client.add(args.name, clip, data, fields)
+            voice = await client.add_voice(args.name, clip, Path(args.clip).name, **fields)
             base = f", base voice {voice['base_voice']}" if voice.get("base_voice") else ""
             print(f"added voice {voice['id']}{base}; speak with --voice {voice['id']}")
         elif args.command in ("list", "ls"):
-            listing = client.list()
-            sys.stdout.write(voices_table(listing["voices"]))
+            sys.stdout.write(voices_table(await client.list_voices()))
         else:
-            client.delete(args.name)
+            await client.delete_voice(args.name)
             print(f"deleted voice {args.name}")
+
+
+def voices_main(argv: list[str]) -> int:
+    parser = build_voices_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = GatewayClient(args.url, api_key=args.api_key, timeout_s=args.timeout)
+    except ClientError as err:
+        parser.error(str(err))
+    clip = b""
+    if args.command == "add":
+        try:
+            clip = Path(args.clip).read_bytes()
+        except OSError as err:
+            parser.error(f"cannot read {args.clip}: {err.strerror or err}")
+    try:
+        asyncio.run(run_voices_command(client, args, clip))
     except ClientError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -567,6 +349,43 @@ def first_positional(argv: list[str], parser: argparse.ArgumentParser) -> int | 
     return None
 
 
+class Speech:
+    """One synthesis over the chosen transport; :meth:`pcm` yields its audio as it comes."""
+
+    def __init__(self, client: GatewayClient, transport: str, text: str, **options: Any) -> None:
+        self.client = client
+        self.transport = transport
+        self.text = text
+        self.options = options
+        self.sample_rate = SAMPLE_RATE  # the server's, once its audio has begun
+
+    async def pcm(self) -> AsyncIterator[bytes]:
+        async with self.client:
+            if self.transport == "ws":
+                async with self.client.speech_socket() as socket:
+                    async for chunk in socket.speak(self.text, **self.options):
+                        self.sample_rate = socket.sample_rate
+                        yield chunk
+            else:
+                async with self.client.speech_stream(self.text, **self.options) as response:
+                    self.sample_rate = response.sample_rate
+                    async for chunk in response.chunks():
+                        yield chunk
+
+
+async def receive(speech: Speech, progress: Progress, live: BinaryIO | None) -> bytes:
+    """The whole PCM of ``speech`` (written to ``live`` as it comes, when given)."""
+    pcm = bytearray()
+    async for chunk in speech.pcm():
+        progress.audio(len(chunk), speech.sample_rate)
+        if live is not None:
+            live.write(chunk)
+            live.flush()
+        else:
+            pcm += chunk
+    return bytes(pcm)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -574,31 +393,26 @@ def main(argv: list[str] | None = None) -> int:
     if command is not None and argv[command] == "voices":
         return voices_main(argv[:command] + argv[command + 1 :])
     args = parser.parse_args(argv)
-    request = SpeechRequest(
-        text=read_text(args, parser),
+    text = read_text(args, parser)
+    output = args.output or f"speech.{args.format}"
+    to_stdout = output == "-"
+    live = sys.stdout.buffer if to_stdout and args.format == "pcm" else None
+    try:
+        client = GatewayClient(args.url, api_key=args.api_key, timeout_s=args.timeout)
+    except ClientError as err:
+        parser.error(str(err))
+    speech = Speech(
+        client,
+        args.transport,
+        text,
         voice=args.voice,
         speaker_id=args.speaker_id,
         temperature=args.temperature,
         max_tokens=args.max_tokens,
     )
-    output = args.output or f"speech.{args.format}"
-    to_stdout = output == "-"
-    live = sys.stdout.buffer if to_stdout and args.format == "pcm" else None
-    kind = WebSocketSpeech if args.transport == "ws" else HttpSpeech
-    try:
-        speech = kind(args.url, request, args.timeout, api_key=args.api_key)
-    except ClientError as err:
-        parser.error(str(err))
     progress = Progress(sys.stderr, args.quiet)
-    pcm = bytearray()
     try:
-        for chunk in speech:
-            progress.audio(len(chunk), speech.sample_rate)
-            if live is not None:
-                live.write(chunk)
-                live.flush()
-            else:
-                pcm += chunk
+        pcm = asyncio.run(receive(speech, progress, live))
     except ClientError as err:
         progress.end_line()
         print(f"error: {err}", file=sys.stderr)
@@ -611,19 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     if live is None:
         try:
             if to_stdout:
-                write_wav(sys.stdout.buffer, bytes(pcm), speech.sample_rate)
+                write_wav(sys.stdout.buffer, pcm, speech.sample_rate)
                 sys.stdout.buffer.flush()
             elif args.format == "wav":
                 with open(output, "wb") as target:
-                    write_wav(target, bytes(pcm), speech.sample_rate)
+                    write_wav(target, pcm, speech.sample_rate)
             else:
                 Path(output).write_bytes(pcm)
         except OSError as err:
             print(f"error: cannot write {output}: {err.strerror or err}", file=sys.stderr)
             return 1
-    progress.summary(speech.transport, "stdout" if to_stdout else output)
+    progress.summary(TRANSPORT_NAMES[args.transport], "stdout" if to_stdout else output)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
