@@ -1,11 +1,14 @@
 """End-to-end gateway benchmark: time to first audio, real-time factor, underrun.
 
-    .venv/bin/python benchmarks/bench_gateway.py [--quick] [--only grid,load,compare,text-in]
+    .venv/bin/python benchmarks/bench_gateway.py [--quick]
+        [--only grid,load,compare,text-in,ramp]
         [--llm standin|vllm|both] [--bicodec-dir DIR]
         [--decoders small,full] [--rates 100,200,400] [--streams 1,4,16,64]
         [--requests-per-stream N] [--cell-timeout S] [--full-max-streams N]
         [--full-dir DIR] [--device cpu|cuda] [--decoder-dtype float32|bfloat16|float16]
         [--tokens-per-chunk N] [--time-budget S]
+        [--ramp-total-tokens-per-s R] [--ramp-tokens-per-s R] [--ramp-streams 4,12,24,36]
+        [--ramp-level-timeout S]
 
 Everything runs as separate processes on this machine, as in a deployment: the LLM
 (the vLLM wire-format stand-in at a GPU-like token rate, and/or the real vLLM CPU
@@ -38,6 +41,14 @@ decoder_gateway``), and this script as the HTTP client. Prints markdown tables:
 * ``text-in``: text streamed in (a voice agent's LLM writing at 30 words/s) against the same
   text sent whole: first audio after the first sentence is certain, and after the
   LLM's first word.
+* ``ramp``: offered streams ramped past the LLM's capacity, admission control on and
+  off in one run. The stand-in shares a ceiling of total tokens/s among its streams
+  (as a GPU's batch shares its decode step; 1000 = 20 real-time streams at 50
+  tokens/s); each offered load is a burst of streams (4, 12, 24, 36; ``--quick``: 6,
+  30) of one paragraph each. Per mode and load: streams admitted and refused
+  (429/503), admitted streams with an underrun (> 20 ms) and the worst one, first
+  audio p50/p90; then a one-line verdict per mode (on 2 cores about 2.5 minutes;
+  ``--quick`` about 1).
 
 "Playback stall" is the silence a listener who starts playing at the first byte
 would hear mid-utterance, waiting for audio that has not arrived; "listener hears
@@ -159,6 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="stand-in tokens per SSE chunk (vLLM's stream interval; 1 as vLLM's default)",
     )
+    ramp = parser.add_argument_group(
+        "ramp", "offered streams past the LLM's shared token ceiling, admission on and off"
+    )
+    ramp.add_argument(
+        "--ramp-total-tokens-per-s",
+        type=float,
+        default=1000.0,
+        help="stand-in ceiling over all streams (1000: 20 real-time streams)",
+    )
+    ramp.add_argument(
+        "--ramp-tokens-per-s", type=float, default=180.0, help="stand-in pace of one stream"
+    )
+    ramp.add_argument(
+        "--ramp-streams",
+        type=number_list(int),
+        default=None,
+        help="offered loads, streams per burst (4,12,24,36 / 6,30)",
+    )
+    ramp.add_argument(
+        "--ramp-level-timeout",
+        type=float,
+        default=90.0,
+        help="seconds per offered load; streams still running are cut",
+    )
     return parser
 
 
@@ -169,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(sections) - set(SECTIONS)
     if unknown or not sections:
         parser.error(f"--only: a subset of {SECTIONS}, not {sorted(unknown)}")
+    if "ramp" in sections and min(args.ramp_total_tokens_per_s, args.ramp_tokens_per_s) <= 0:
+        parser.error("--ramp-total-tokens-per-s and --ramp-tokens-per-s must be positive")
     plan = grid_plan(args, parser) if GRID_SECTION in sections else None
     run(args, sections, plan)
 

@@ -9,6 +9,7 @@ class GatewayError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    retry_after: int | None = None  # seconds after which a retry may succeed, where known
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -73,7 +74,13 @@ class NoSuchVoice(VoiceNotFound):
 
 
 class Overloaded(GatewayError):
+    """No capacity for another stream now; ``retry_after`` (seconds) says when to retry."""
+
     status, code = 429, "too_many_streams"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ShuttingDown(GatewayError):
@@ -81,6 +88,7 @@ class ShuttingDown(GatewayError):
     elsewhere (so that a WebSocket session cannot keep a draining pod alive)."""
 
     status, code = 503, "shutting_down"
+    retry_after = 1  # on another instance, which the load balancer picks
 
 
 class RequestTooLarge(InvalidRequest):

@@ -99,5 +99,53 @@ class Metrics:
             registry=r,
         )
 
+        self.admissions = Counter(
+            "tts_admissions",
+            "Admission decisions: admitted (at once), queued (admitted after a wait for "
+            "capacity), refused (429/503).",
+            ["decision"],
+            registry=r,
+        )
+        self.admission_wait_seconds = Histogram(
+            "tts_admission_wait_seconds",
+            "Time an admitted request waited in the admission queue.",
+            buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )
+        self.stream_underruns = Counter(
+            "tts_stream_underruns",
+            "Times a listener playing at 1x from the first audio ran out of audio.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.stream_underrun_seconds = Histogram(
+            "tts_stream_underrun_seconds",
+            "Per finished stream: seconds its listener waited for audio after the first.",
+            ["endpoint"],
+            buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        # Read when scraped (see watch_admission): always the current values.
+        self.buffer_ahead_seconds = Gauge(
+            "tts_stream_buffer_ahead_seconds",
+            "The least audio ahead of its listener among the streams playing.",
+            registry=r,
+        )
+        self.admission_queue = Gauge(
+            "tts_admission_queue", "Requests waiting for capacity.", registry=r
+        )
+        self.capacity_streams = Gauge(
+            "tts_capacity_streams",
+            "Real-time streams the host keeps, as measured (0 until measured).",
+            registry=r,
+        )
+        self.capacity_tokens_per_second = Gauge(
+            "tts_capacity_tokens_per_second",
+            "Semantic tokens per second the LLM delivers in total and the decoder decodes "
+            "per busy second, as measured (0 until measured).",
+            ["stage"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     max_segment_chars: int = Field(300, ge=20, le=MAX_SEGMENT_CHARS_BOUND)
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     max_concurrent_streams: int = Field(64, ge=1)
+    # Admission by measured capacity (serving/capacity.py): a stream is admitted while
+    # the LLM and the decoder, as measured, keep every admitted stream ahead of its
+    # listener; otherwise it waits up to ADMISSION_QUEUE_S, then gets 429.
+    admission_control: bool = True
+    admission_queue_s: float = Field(2.0, ge=0)
+    admission_headroom: float = Field(0.25, ge=0)
+    admission_cold_streams: int = Field(4, ge=1)
+    admission_margin_s: float = Field(0.3, ge=0)
     segment_lookahead: int = Field(2, ge=1, description="segments generated ahead of playback")
 
     # Backpressure: audio chunks buffered per segment for a client that reads slowly,

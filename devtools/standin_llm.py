@@ -34,9 +34,15 @@ at creation, at run time with ``POST /control``, or for one request with a
 client). ``fault_requests`` and ``fault_match`` narrow which requests get them;
 ``fault_exclude`` keeps them off requests whose prompt holds that text.
 
+``total_tokens_per_s`` caps the tokens/s of all streams together, as a GPU's batch
+shares one decode step: with n streams generating, each gets about
+min(tokens_per_s, total_tokens_per_s / n), so a benchmark can push a server past the
+number of streams its LLM keeps in real time.
+
 Run it alone for benchmarks::
 
-    python -m devtools.standin_llm --port 8000 --tokens-per-s 200 --prefill-s 0.02
+    python -m devtools.standin_llm --port 8000 --tokens-per-s 200 --prefill-s 0.02 \
+        --total-tokens-per-s 1000
 
 or as :class:`StandinProcess` from Python; :class:`StandinServer` runs it in a thread.
 """
@@ -186,6 +192,9 @@ class StandinConfig:
     prefill_s: float = 0.02
     tokens_per_s: float = 200.0
     tokens_per_chunk: int = 1  # tokens per SSE chunk (vLLM's stream interval)
+    # Ceiling on the tokens/s of all streams together (None: none), shared FIFO like a
+    # GPU's batch; server-wide: read live at each chunk, never per request.
+    total_tokens_per_s: float | None = None
     max_num_seqs: int | None = None  # more concurrent requests than this wait
     # Length of a segment: fixed, or tokens_per_word per word of the content text.
     tokens_per_segment: int | None = None
@@ -224,6 +233,7 @@ FAULT_FIELDS = frozenset(
     }
 )
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(StandinConfig)}
+_POSITIVE_OR_NONE = frozenset({"total_tokens_per_s"})  # floats whose default is None
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -237,6 +247,10 @@ def _coerce(name: str, value: Any) -> Any:
         if default is None:
             return None
         raise ValueError(f"{name} cannot be null")
+    if name in _POSITIVE_OR_NONE:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a positive number or null")
+        return float(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be a boolean")
@@ -502,6 +516,8 @@ class StandinLLM:
         self.config = dataclasses.replace(self.initial)
         self.stats = Stats()
         self._fault_requests_left = self.config.fault_requests
+        # The shared emitter's virtual clock (loop time): when its last reserved slot ends.
+        self._emitter_free_at = 0.0
         self.app = Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
@@ -736,6 +752,28 @@ class StandinLLM:
         finally:
             self.stats.waiting -= 1
 
+    async def _pace(self, config: StandinConfig, start: float, end: int, count: int) -> float:
+        """Wait until a chunk of ``count`` tokens ending at token ``end`` may go.
+
+        First the stream's own pace (``start`` + (end - 1) / tokens_per_s), then, under a
+        ceiling, a FIFO slot of ``count / total_tokens_per_s`` on the shared emitter's
+        clock, so that n busy streams split the ceiling (processor sharing). Returns
+        ``start`` moved on by the time queued for the emitter: a throttled stream keeps
+        its own pace afterwards instead of bursting to catch up.
+        """
+        loop = asyncio.get_running_loop()
+        due = start + (end - 1) / config.tokens_per_s if config.tokens_per_s > 0 else start
+        if (delay := due - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        total = self.config.total_tokens_per_s  # live: a server-wide ceiling
+        if total is None:
+            return start
+        now = loop.time()
+        slot_start = max(self._emitter_free_at, now)
+        self._emitter_free_at = slot_start + count / total
+        await asyncio.sleep(self._emitter_free_at - now)
+        return start + (slot_start - now)
+
     async def _whole_completion(
         self,
         body: dict[str, Any],
@@ -748,11 +786,13 @@ class StandinLLM:
         end = "aborted"
         try:
             await self._wait_for_slot()
-            delay = config.prefill_s
-            if config.tokens_per_s > 0:
-                delay += (len(completion.token_ids) - 1) / config.tokens_per_s
-            await asyncio.sleep(delay)
             ids = completion.token_ids
+            # Paced chunk by chunk as a stream would be, so it shares the ceiling alike.
+            start = asyncio.get_running_loop().time() + config.prefill_s
+            step = max(1, config.tokens_per_chunk)
+            for sent in range(0, len(ids), step):
+                end = min(len(ids), sent + step)
+                start = await self._pace(config, start, end, end - sent)
             shown = ids[:-1] if completion.stop_token_hidden else ids
             skip = body.get("skip_special_tokens", True)
             want_ids = bool(body.get("return_token_ids"))
@@ -840,12 +880,7 @@ class StandinLLM:
             if sent >= total:
                 break
             end = min([total, sent + step, *(m for m in marks if m > sent)])
-            if config.tokens_per_s > 0:
-                delay = start + (end - 1) / config.tokens_per_s - loop.time()
-            else:
-                delay = start - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            start = await self._pace(config, start, end, end - sent)
             chunk_ids = ids[sent:end]
             text = separator.join(t for t in texts[sent:end] if t)
             if separator and sent and text:
@@ -1123,6 +1158,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-s", type=float, default=StandinConfig.tokens_per_s)
     parser.add_argument("--prefill-s", type=float, default=StandinConfig.prefill_s)
     parser.add_argument("--tokens-per-chunk", type=int, default=StandinConfig.tokens_per_chunk)
+    parser.add_argument(
+        "--total-tokens-per-s",
+        type=float,
+        default=None,
+        help="ceiling on the tokens/s of all streams together (default: none)",
+    )
     parser.add_argument("--tokens-per-segment", type=int, default=None)
     parser.add_argument("--tokens-per-word", type=int, default=StandinConfig.tokens_per_word)
     parser.add_argument("--max-num-seqs", type=int, default=None)
@@ -1134,12 +1175,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
+    if args.total_tokens_per_s is not None and args.total_tokens_per_s <= 0:
+        parser.error("--total-tokens-per-s must be positive")
     config = StandinConfig(
         model=args.model,
         api_key=args.api_key,
         tokens_per_s=args.tokens_per_s,
         prefill_s=args.prefill_s,
         tokens_per_chunk=args.tokens_per_chunk,
+        total_tokens_per_s=args.total_tokens_per_s,
         tokens_per_segment=args.tokens_per_segment,
         tokens_per_word=args.tokens_per_word,
         max_num_seqs=args.max_num_seqs,

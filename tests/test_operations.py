@@ -18,6 +18,7 @@ from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.llm.client import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving import SpeechService
+from decoder_gateway.serving.capacity import PlaybackClock
 from decoder_gateway.settings import Settings
 from decoder_gateway.voices.catalog import VoiceCatalog
 from decoder_gateway.voices.library import VoiceLibrary
@@ -279,9 +280,9 @@ async def test_a_consumer_that_stops_pulling_is_bounded_and_closing_aborts_upstr
     slot_freed_after_abort: list[bool] = []
     release = service.slots.release
 
-    def record_release() -> None:
+    def record_release(stream: PlaybackClock) -> None:
         slot_freed_after_abort.append(metrics.upstream_aborts._value.get() == 1)
-        release()
+        release(stream)
 
     service.slots.release = record_release  # type: ignore[method-assign]
     try:

@@ -294,6 +294,66 @@ async def test_max_num_seqs_queues_requests(server: StandinServer, client: Async
     assert time.monotonic() - started >= 2 * 19 / 200
 
 
+# ---- shared ceiling (total_tokens_per_s) ----------------------------------------------
+
+
+async def token_rate(server: StandinServer, prompt: str) -> float:
+    """Tokens/s one streamed completion got, measured at the client over HTTP: the
+    tokens after the first chunk over the time from the first chunk to the last."""
+    arrivals: list[tuple[float, int]] = []
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("POST", f"{server.base_url}/completions", json=body(prompt)) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[len("data: ") :])["choices"]
+                if count := sum(len(c["token_ids"] or []) for c in choices):
+                    arrivals.append((time.monotonic(), count))
+    assert len(arrivals) > 10
+    return sum(count for _, count in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
+
+
+async def concurrent_rates(server: StandinServer, streams: int) -> list[float]:
+    prompts = [speaker_prompt(f"stream {i}") for i in range(streams)]
+    return list(await asyncio.gather(*(token_rate(server, p) for p in prompts)))
+
+
+async def test_total_ceiling_is_shared_by_the_streams(server: StandinServer) -> None:
+    server.control(tokens_per_s=300.0, total_tokens_per_s=400, prefill_s=0.0, tokens_per_segment=79)
+    (alone,) = await concurrent_rates(server, 1)
+    assert alone == pytest.approx(300, rel=0.25)  # under the ceiling: its own pace
+    for rate in await concurrent_rates(server, 4):
+        assert rate == pytest.approx(100, rel=0.25)  # 400 / 4
+
+
+async def test_without_ceiling_streams_keep_their_pace(server: StandinServer) -> None:
+    server.control(tokens_per_s=300.0, prefill_s=0.0, tokens_per_segment=79)
+    assert server.config.total_tokens_per_s is None
+    for rate in await concurrent_rates(server, 4):
+        assert rate == pytest.approx(300, rel=0.25)
+
+
+async def test_total_ceiling_holds_whole_answers_back(server: StandinServer) -> None:
+    server.control(total_tokens_per_s=400, prefill_s=0.0, tokens_per_segment=79)
+    url = f"{server.base_url}/completions"
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        *(apost(url, body(speaker_prompt(f"whole {i}"), stream=False)) for i in range(2))
+    )
+    elapsed = time.monotonic() - started
+    assert all(a.json()["usage"]["completion_tokens"] == 80 for a in answers)
+    assert 0.9 * 160 / 400 <= elapsed < 2.0  # 160 tokens through 400/s, not 4000/s each
+
+
+def test_total_ceiling_setting(server: StandinServer) -> None:
+    assert server.control(total_tokens_per_s=500)["total_tokens_per_s"] == 500.0
+    assert server.control(total_tokens_per_s=None)["total_tokens_per_s"] is None
+    for bad in (0, -1, "fast", True):
+        response = httpx.post(f"{server.root_url}/control", json={"total_tokens_per_s": bad})
+        assert response.status_code == 400, bad
+
+
 # ---- faults ---------------------------------------------------------------------------
 
 
@@ -516,6 +576,7 @@ def test_command_line() -> None:
         [
             *(sys.executable, "-m", "devtools.standin_llm"),
             *("--port", str(port), "--tokens-per-s", "1000"),
+            *("--total-tokens-per-s", "5000"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -535,6 +596,8 @@ def test_command_line() -> None:
             f"http://127.0.0.1:{port}/v1/completions", json=body(speaker_prompt()), timeout=10
         )
         assert sse_events(response.text)[-1] == "[DONE]"
+        settings = httpx.get(f"http://127.0.0.1:{port}/control").json()
+        assert settings["total_tokens_per_s"] == 5000.0
     finally:
         process.terminate()
         process.communicate(timeout=10)  # reaps it and closes the pipe

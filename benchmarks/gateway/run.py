@@ -1,5 +1,5 @@
-"""One benchmark run from its parsed flags: the header, the grid, then the sections
-behind each LLM, all in one temporary folder for the servers' logs."""
+"""One benchmark run from its parsed flags: the header, the grid, the sections behind
+each LLM, then the ramp, all in one temporary folder for the servers' logs."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from gateway.decoder import Decoder, describe_decoder, full_size_decoder, load_d
 from gateway.grid import GRID_SECTION, GridPlan, run_grid
 from gateway.llms import Llm, standin_llm, vllm_llm
 from gateway.load import load_level, run_load
+from gateway.ramp import RAMP_SECTION, ramp_plan, run_ramp
 from gateway.text_in import run_text_in
 from gateway.workload import PARAGRAPHS, TEMPERATURE, VOICE, Plan
 
-SECTIONS = [GRID_SECTION, "load", "compare", "text-in"]
+SECTIONS = [GRID_SECTION, "load", "compare", "text-in", RAMP_SECTION]
 
 
 def run_llm(
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace, sections: list[str], plan: GridPlan | None) ->
         vllm_plan = Plan([(1, 3), (4, 2), (16, 1)], compare_repeats=3)
     # The tiny vLLM's sentences are all the same length; two per paragraph keeps it short.
     vllm_texts = [" ".join(split_segments(p)[:2]) for p in PARAGRAPHS]
-    classic = [name for name in sections if name != GRID_SECTION]
+    classic = [name for name in sections if name not in (GRID_SECTION, RAMP_SECTION)]
 
     with tempfile.TemporaryDirectory(prefix="bench_gateway_") as tmp:
         logs = args.log_dir or Path(tmp)
@@ -148,4 +149,6 @@ def run(args: argparse.Namespace, sections: list[str], plan: GridPlan | None) ->
                         gateway_env,
                         classic,
                     )
+        if RAMP_SECTION in sections:
+            run_ramp(ramp_plan(args), logs, gateway_env)
         print(f"\n(benchmark ran {time.perf_counter() - started:.0f} s)")

@@ -41,20 +41,32 @@ def error_detail(err: GatewayError) -> ErrorDetail:
     return ErrorDetail(message=err.message, type=kind, param=err.param, code=err.code)
 
 
-def error_response(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    param: str | None = None,
+    retry_after: int | None = None,
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def gateway_error_response(err: BaseException) -> JSONResponse:
     typed = as_gateway_error(err)
-    return error_response(typed.status, typed.message, typed.code, typed.param)
+    return error_response(typed.status, typed.message, typed.code, typed.param, typed.retry_after)
 
 
 def ws_error_frame(err: BaseException, segment_id: str | int | None = None) -> ErrorMessage:
     typed = as_gateway_error(err)
-    return ErrorMessage(message=typed.message, code=typed.code, segment_id=segment_id)
+    return ErrorMessage(
+        message=typed.message,
+        code=typed.code,
+        segment_id=segment_id,
+        retry_after=typed.retry_after,
+    )
 
 
 def sse_error_event(err: BaseException) -> dict[str, str]:

@@ -34,9 +34,21 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "reason": reason}, 503)
     decoder = gateway.decoder
     graphs = decoder.graphs
+    slots = gateway.speech.slots
+    estimate = slots.capacity.estimate()
     return JSONResponse(
         {
             "status": "ok",
+            # What admission goes by: null where nothing has been measured yet.
+            "capacity": {
+                "streams": _rounded(estimate.streams),
+                "llm_tokens_per_s": _rounded(estimate.llm_tokens_per_s),
+                "llm_saturated": estimate.llm_saturated,
+                "decoder_tokens_per_s": _rounded(estimate.decoder_tokens_per_s),
+                "decoder_busy": round(estimate.decoder_busy, 2),
+                "active_streams": slots.active,
+                "queued": slots.queued,
+            },
             "decoder_device": str(decoder.device),
             "decoder_dtype": str(decoder.dtype).removeprefix("torch."),
             "decoder_batch_tokens": decoder.batch_tokens,
@@ -46,6 +58,10 @@ async def health(request: Request) -> JSONResponse:
             "cloning": gateway.voices.cloning,
         }
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 @router.get("/livez")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, StrictStr
 
 SAMPLE_RATE = 16000
 PCM_HEADERS = {"X-Sample-Rate": str(SAMPLE_RATE), "X-Bit-Depth": "16", "X-Channels": "1"}
@@ -56,6 +56,8 @@ class ErrorMessage(BaseModel):
     message: str
     code: str
     segment_id: str | int | None = None
+    # Seconds to wait before retrying, on a refusal for capacity (too_many_streams).
+    retry_after: int | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class AuthReply(BaseModel):

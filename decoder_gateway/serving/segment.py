@@ -19,6 +19,7 @@ from decoder_gateway.errors import NoAudioGenerated, UpstreamError
 from decoder_gateway.llm.client import LLMClient, SamplingParams, prompt_token_bound
 from decoder_gateway.llm.prompt import speaker_prompt
 from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving.capacity import CapacityModel
 from decoder_gateway.serving.events import Audio, SpeechEvent
 from decoder_gateway.serving.job import SpeechJob
 from decoder_gateway.settings import Settings
@@ -50,12 +51,18 @@ class SegmentSynthesis:
     """Runs segments: the per-segment LLM -> codec loop, shared by every request."""
 
     def __init__(
-        self, settings: Settings, llm: LLMClient, worker: DecodeWorker, metrics: Metrics
+        self,
+        settings: Settings,
+        llm: LLMClient,
+        worker: DecodeWorker,
+        metrics: Metrics,
+        capacity: CapacityModel | None = None,
     ) -> None:
         self.settings = settings
         self.llm = llm
         self.worker = worker
         self.metrics = metrics
+        self.capacity = capacity
         self.streaming = StreamingConfig(
             first_chunk_tokens=settings.stream_first_chunk_tokens,
             first_lookahead_tokens=settings.stream_first_lookahead_tokens,
@@ -82,25 +89,34 @@ class SegmentSynthesis:
         written_globals: list[int] = []
         first_token_at = last_token_at = 0.0
         tokens = self.llm.stream_tokens(prompt, sampling, request_id=f"{job.request_id}-{index}")
+        capacity = self.capacity
+        if capacity is not None:
+            capacity.segment_started()
         # aclosing: whatever ends this loop (cancel, our own error) closes the upstream
         # stream now, so vLLM aborts the request, not when the generator is collected.
-        async with contextlib.aclosing(tokens):
-            async for delta in tokens:
-                if session is None:
-                    written_globals += delta.global_tokens
-                    if not delta.semantic:
-                        continue
-                    session = self.worker.open_stream(
-                        _check_globals(written_globals), self.streaming
-                    )
-                    if not state.voice_tokens.done():
-                        state.voice_tokens.set_result(written_globals)
-                if delta.semantic:
-                    last_token_at = time.monotonic()
-                    first_token_at = first_token_at or last_token_at
-                    self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
-                    session.push(delta.semantic, at=last_token_at)
-                    await self._decode_ready(session, index, state, emit)
+        try:
+            async with contextlib.aclosing(tokens):
+                async for delta in tokens:
+                    if session is None:
+                        written_globals += delta.global_tokens
+                        if not delta.semantic:
+                            continue
+                        session = self.worker.open_stream(
+                            _check_globals(written_globals), self.streaming
+                        )
+                        if not state.voice_tokens.done():
+                            state.voice_tokens.set_result(written_globals)
+                    if delta.semantic:
+                        last_token_at = time.monotonic()
+                        first_token_at = first_token_at or last_token_at
+                        self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
+                        if capacity is not None:
+                            capacity.llm_tokens(len(delta.semantic))
+                        session.push(delta.semantic, at=last_token_at)
+                        await self._decode_ready(session, index, state, emit)
+        finally:
+            if capacity is not None:
+                capacity.segment_ended()
         if session is None or session.num_tokens == 0:
             if written_globals:
                 _check_globals(written_globals)

@@ -25,7 +25,8 @@ from decoder_gateway.errors import GatewayError, InternalError, InvalidRequest
 from decoder_gateway.llm.client import LLMClient
 from decoder_gateway.llm.prompt import find_markup
 from decoder_gateway.metrics import Metrics
-from decoder_gateway.serving.admission import Admission, StreamSlots
+from decoder_gateway.serving.admission import Admission, AdmissionPolicy, StreamSlots
+from decoder_gateway.serving.capacity import CapacityModel
 from decoder_gateway.serving.events import Audio, SpeechEvent
 from decoder_gateway.serving.job import SpeechJob, new_request_id
 from decoder_gateway.serving.scheduler import SegmentScheduler, SegmentSource
@@ -58,9 +59,22 @@ class SpeechService:
         self.voices = voices
         self.metrics = metrics
         self.worker = worker
-        self.slots = StreamSlots(settings.max_concurrent_streams)
         self.sample_rate = worker.decoder.sample_rate
-        self.synthesis = SegmentSynthesis(settings, llm, worker, metrics)
+        self.capacity = CapacityModel(
+            tokens_per_audio_s=self.sample_rate / worker.decoder.hop_length,
+            headroom=settings.admission_headroom,
+        )
+        worker.on_batch = self.capacity.decoded
+        policy = AdmissionPolicy(
+            limit=settings.max_concurrent_streams,
+            by_capacity=settings.admission_control,
+            queue_s=settings.admission_queue_s,
+            cold_streams=settings.admission_cold_streams,
+            margin_s=settings.admission_margin_s,
+        )
+        self.slots = StreamSlots(policy, self.capacity)
+        watch_admission(metrics, self.slots)
+        self.synthesis = SegmentSynthesis(settings, llm, worker, metrics, self.capacity)
         # A request that gives no max_tokens gets the default, within the limit.
         self.default_max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_tokens_limit)
 
@@ -133,12 +147,13 @@ class SpeechService:
     async def open(
         self, job: SpeechJob, endpoint: str, source: SegmentSource | None = None
     ) -> SpeechStream:
-        """Admit the job (Overloaded past the limit) and start its segments: the job's
-        own, or those that ``source`` receives while the stream plays."""
+        """Admit the job (maybe after a wait; Overloaded when there is no capacity) and
+        start its segments: the job's own, or those that ``source`` receives while the
+        stream plays."""
         admission = Admission(
             self.slots, self.metrics, job.request_id, endpoint, self.sample_rate, job.accepted_at
         )
-        admission.admit()
+        await admission.admit()
         logger.info(
             "request %s: %s, voice %s, %d characters",
             job.request_id,
@@ -157,6 +172,23 @@ class SpeechService:
             self.sample_rate,
         )
         return SpeechStream(job, admission, scheduler)
+
+
+def watch_admission(metrics: Metrics, slots: StreamSlots) -> None:
+    """Gauges of admission and capacity, read from ``slots`` whenever they are scraped."""
+
+    def capacity(stage: str) -> float:
+        estimate = slots.capacity.estimate()
+        value = estimate.llm_tokens_per_s if stage == "llm" else estimate.decoder_tokens_per_s
+        return value or 0.0
+
+    metrics.buffer_ahead_seconds.set_function(lambda: slots.lowest_buffer() or 0.0)
+    metrics.admission_queue.set_function(lambda: slots.queued)
+    metrics.capacity_streams.set_function(lambda: slots.capacity.estimate().streams or 0.0)
+    for stage in ("llm", "decoder"):
+        metrics.capacity_tokens_per_second.labels(stage).set_function(
+            lambda stage=stage: capacity(stage)
+        )
 
 
 class SpeechStream:

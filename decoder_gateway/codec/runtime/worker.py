@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,6 +53,8 @@ class DecodeWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None  # why the worker stopped, if it did
+        # Told of every batch decoded: (tokens of audio, seconds): the capacity model.
+        self.on_batch: Callable[[int, float], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="decode-worker")
@@ -141,9 +144,12 @@ class DecodeWorker:
                     if not job.future.done():
                         job.future.set_exception(error)
                 continue
+            elapsed = time.perf_counter() - started
             if self.metrics is not None:
                 self.metrics.decoder_batch_size.observe(len(spans))
-                self.metrics.decoder_batch_seconds.observe(time.perf_counter() - started)
+                self.metrics.decoder_batch_seconds.observe(elapsed)
+            if self.on_batch is not None:
+                self.on_batch(sum(span.end - span.start for span in spans), elapsed)
             offset = 0
             for job in jobs:
                 part = audio[offset : offset + len(job.spans)]
