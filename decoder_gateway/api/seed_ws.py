@@ -27,8 +27,8 @@ from decoder_gateway.api.stream_protocol import (
 from decoder_gateway.api.ws_session import (
     Connection,
     auth_reply,
-    authenticate,
     decode_message,
+    open_session,
     validation_frame,
 )
 from decoder_gateway.audio.pcm import to_pcm16
@@ -157,11 +157,10 @@ async def _speak(conn: Connection, service: SpeechService, message: WebSocketSpe
 
 @router.websocket("/v1/audio/speech/stream/ws")
 async def speech_websocket(ws: WebSocket) -> None:
-    await ws.accept()
     gateway = get_gateway(ws)
     settings = gateway.settings
-    conn = Connection(ws, settings.slow_client_timeout_s)
-    if settings.gateway_api_key and not await authenticate(conn, settings):
+    conn = await open_session(ws, settings)
+    if conn is None:
         return
     inbox: asyncio.Queue[object] = asyncio.Queue(settings.ws_max_queued_messages)
     reader = asyncio.create_task(

@@ -30,8 +30,8 @@ from decoder_gateway.api.stream_protocol import (
 from decoder_gateway.api.ws_session import (
     Connection,
     auth_reply,
-    authenticate,
     decode_message,
+    open_session,
     validation_frame,
 )
 from decoder_gateway.errors import GatewayError, SlowClient
@@ -59,11 +59,10 @@ _FRAMES: dict[type, type[BaseModel]] = {
 
 @router.websocket("/v1/audio/speech/stream")
 async def text_stream_websocket(ws: WebSocket) -> None:
-    await ws.accept()
     gateway = get_gateway(ws)
     settings = gateway.settings
-    conn = Connection(ws, settings.slow_client_timeout_s)
-    if settings.gateway_api_key and not await authenticate(conn, settings):
+    conn = await open_session(ws, settings)
+    if conn is None:
         return
     session = TextInSession(gateway.speech, SessionFrames(conn))
     try:

@@ -93,6 +93,16 @@ def validation_frame(err: ValidationError, segment_id: object = None) -> ErrorMe
     return ErrorMessage(message=detail, code="invalid_request", segment_id=segment_id)
 
 
+async def open_session(ws: WebSocket, settings: Settings) -> Connection | None:
+    """Accept ``ws`` and authenticate it: its connection, or None when it was refused
+    (and closed) for a missing or wrong API key."""
+    await ws.accept()
+    conn = Connection(ws, settings.slow_client_timeout_s)
+    if settings.gateway_api_key and not await authenticate(conn, settings):
+        return None
+    return conn
+
+
 async def authenticate(conn: Connection, settings: Settings) -> bool:
     """Headers first; else a first message {"type": "auth", "api_key": ...}."""
     expected = settings.gateway_api_key
