@@ -267,6 +267,9 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "LLM_TIMEOUT_S": str(args.llm_timeout),
         "SLOW_CLIENT_TIMEOUT_S": str(args.slow_client_timeout),
         "CORS_ALLOW_ORIGINS": ALLOWED_ORIGIN,
+        # Each fault expects its own error; a refusal for capacity would stand in for
+        # it. Admission under overload is measured by bench_gateway.py --only ramp.
+        "ADMISSION_CONTROL": "false",
     }
     # The decoder fault needs devtools.faulty_gateway in the gateway's tree.
     faulty = True
