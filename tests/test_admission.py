@@ -12,7 +12,7 @@ import httpx
 import pytest
 import requests
 
-from decoder_gateway.client import GatewayClient
+from decoder_gateway.client import GatewayClient, ServerError
 from decoder_gateway.errors import Overloaded, ShuttingDown
 from decoder_gateway.serving.admission import AdmissionPolicy, StreamSlots
 from decoder_gateway.serving.capacity import CapacityModel, PlaybackClock, RateMeter
@@ -275,6 +275,11 @@ def test_refusals_for_capacity_say_when_to_retry_on_every_transport(make_gateway
 
             async def over_websocket() -> tuple[dict, list[dict]]:
                 async with GatewayClient(gateway.url) as gateway_client:
+                    with pytest.raises(ServerError) as refused_http:
+                        async with gateway_client.speech_stream("Ki?"):
+                            pass
+                    assert refused_http.value.status == 429
+                    assert refused_http.value.retry_after == 1  # the client reads it too
                     async with gateway_client.speech_socket() as socket:
                         refused, _ = await socket.exchange({"input": "Ki?", "segment_id": 1})
                         first.close()  # the stream holding the capacity goes away
@@ -291,7 +296,7 @@ def test_refusals_for_capacity_say_when_to_retry_on_every_transport(make_gateway
     assert refusal["type"] == "error" and refusal["code"] == "too_many_streams"
     assert refusal["retry_after"] == 1 and refusal["segment_id"] == 1
     assert [frame["type"] for frame in served] == ["start", "end"]
-    assert metric(scrape(gateway), "tts_admissions_total", decision="refused") == 3
+    assert metric(scrape(gateway), "tts_admissions_total", decision="refused") == 4
 
 
 def test_a_queued_request_plays_once_capacity_frees(make_gateway, llm):

@@ -79,6 +79,7 @@ class Offered:
 
     delivery: Delivery
     refused: int | None = None  # the refusal status (429/503)
+    retry_after: float | None = None  # what the refusal asked to wait (Retry-After)
     admitted: bool = False  # the audio answer began (status 200)
 
     @property
@@ -96,7 +97,7 @@ async def _offer(client: GatewayClient, text: str, delay_s: float, offered: Offe
         offered.admitted = True
     except ServerError as err:
         if err.status in REFUSALS:
-            offered.refused = err.status
+            offered.refused, offered.retry_after = err.status, err.retry_after
         else:
             offered.delivery.error = str(err)
     except (ClientError, RuntimeError) as err:
@@ -138,6 +139,9 @@ def ramp_row(mode: str, streams: int, results: list[Offered]) -> list[object]:
     stalls = [sum(r.stalls) for r in heard]
     ttfa = [r.delivery.ttfa_s for r in heard]
     codes = sorted({r.refused for r in refused if r.refused is not None})
+    waits = sorted({f"{r.retry_after:g} s" for r in refused if r.retry_after is not None})
+    if waits:
+        codes = [*codes, f"Retry-After {', '.join(waits)}"]  # type: ignore[list-item]
     return [
         mode,
         streams,

@@ -31,7 +31,9 @@ class ServerError(ClientError):
     """The server answered with an error: an HTTP error status or a WebSocket error frame.
 
     ``status``: the HTTP status (None for an error frame); ``code`` and ``param``: those
-    of the gateway's error object, where it sent one; ``body``: the raw HTTP body.
+    of the gateway's error object, where it sent one; ``body``: the raw HTTP body;
+    ``retry_after``: the seconds the server asks to wait before retrying (its
+    ``Retry-After`` header, or an error frame's ``retry_after``), where it says.
     """
 
     def __init__(
@@ -42,15 +44,19 @@ class ServerError(ClientError):
         code: str | None = None,
         param: str | None = None,
         body: bytes = b"",
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.param = param
         self.body = body
+        self.retry_after = retry_after
 
     @classmethod
-    def from_http(cls, status: int, reason: str, body: bytes) -> ServerError:
+    def from_http(
+        cls, status: int, reason: str, body: bytes, retry_after: str | None = None
+    ) -> ServerError:
         """The error of an HTTP answer with an error status (``{"error": {...}}`` or text)."""
         error = error_object(body) or {}
         code, param = error.get("code"), error.get("param")
@@ -60,11 +66,26 @@ class ServerError(ClientError):
             code=None if code is None else str(code),
             param=None if param is None else str(param),
             body=body,
+            retry_after=seconds(retry_after),
         )
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> ServerError:
-        return cls.from_http(response.status_code, response.reason_phrase, response.content)
+        return cls.from_http(
+            response.status_code,
+            response.reason_phrase,
+            response.content,
+            response.headers.get("Retry-After"),
+        )
+
+
+def seconds(value: object) -> float | None:
+    """A Retry-After in seconds; None for none, or for the HTTP-date form (not sent by
+    the gateway)."""
+    try:
+        return None if value is None else max(0.0, float(str(value)))
+    except ValueError:
+        return None
 
 
 class StreamBroken(ClientError):

@@ -272,7 +272,10 @@ class GatewayClient:
         except InvalidStatus as err:
             answer = err.response
             raise ServerError.from_http(
-                answer.status_code, answer.reason_phrase, answer.body or b""
+                answer.status_code,
+                answer.reason_phrase,
+                answer.body or b"",
+                answer.headers.get("Retry-After"),
             ) from err
         except (OSError, InvalidHandshake, InvalidURI) as err:
             raise ConnectFailed(f"cannot connect to {url}: {err}") from err

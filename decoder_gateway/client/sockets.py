@@ -16,7 +16,13 @@ from typing import Any, Generic, Self, TypeVar
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from decoder_gateway.client.errors import ClientError, ReplyTimeout, ServerError, StreamBroken
+from decoder_gateway.client.errors import (
+    ClientError,
+    ReplyTimeout,
+    ServerError,
+    StreamBroken,
+    seconds,
+)
 
 SAMPLE_RATE = 16000  # PCM16 LE mono unless the start frame says otherwise
 SAMPLE_WIDTH = 2
@@ -141,7 +147,9 @@ class SpeechSocket(Session):
             elif kind == "error":
                 code = f" ({frame['code']})" if frame.get("code") else ""
                 raise ServerError(
-                    f"server error: {frame.get('message')}{code}", code=frame.get("code")
+                    f"server error: {frame.get('message')}{code}",
+                    code=frame.get("code"),
+                    retry_after=seconds(frame.get("retry_after")),
                 )
             elif kind == "end" and frame.get("samples") != samples:
                 raise ClientError(
