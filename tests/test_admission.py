@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import re
 import time
 
 import httpx
@@ -16,6 +15,7 @@ from decoder_gateway.client import GatewayClient, ServerError
 from decoder_gateway.errors import Overloaded, ShuttingDown
 from decoder_gateway.serving.admission import AdmissionPolicy, StreamSlots
 from decoder_gateway.serving.capacity import CapacityModel, PlaybackClock, RateMeter
+from devtools.metrics import sample
 
 TOKENS_PER_AUDIO_S = 50
 
@@ -218,18 +218,6 @@ async def test_without_admission_control_only_the_limit_counts():
 TEXT = "Oli otya leero mukwano gwange wange nnyo nnyo?"
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Value of one Prometheus sample (0 when absent)."""
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
-        if match and all(
-            dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or "")).get(k) == v
-            for k, v in labels.items()
-        ):
-            return float(match.group(2))
-    return 0.0
-
-
 def scrape(gateway) -> str:
     return requests.get(f"{gateway.url}/metrics", timeout=10).text
 
@@ -285,7 +273,7 @@ def test_refusals_for_capacity_say_when_to_retry_on_every_transport(make_gateway
                         first.close()  # the stream holding the capacity goes away
                         await asyncio.to_thread(
                             wait_until,
-                            lambda: metric(scrape(gateway), "tts_active_streams") == 0,
+                            lambda: sample(scrape(gateway), "tts_active_streams") == 0,
                         )
                         llm.control(tokens_per_s=2000)
                         served, audio = await socket.exchange({"input": "Ki?", "segment_id": 2})
@@ -296,7 +284,7 @@ def test_refusals_for_capacity_say_when_to_retry_on_every_transport(make_gateway
     assert refusal["type"] == "error" and refusal["code"] == "too_many_streams"
     assert refusal["retry_after"] == 1 and refusal["segment_id"] == 1
     assert [frame["type"] for frame in served] == ["start", "end"]
-    assert metric(scrape(gateway), "tts_admissions_total", decision="refused") == 4
+    assert sample(scrape(gateway), "tts_admissions_total", decision="refused") == 4
 
 
 def test_a_queued_request_plays_once_capacity_frees(make_gateway, llm):
@@ -313,9 +301,9 @@ def test_a_queued_request_plays_once_capacity_frees(make_gateway, llm):
     assert [a.status_code for a in answers] == [200, 200]
     assert all(len(a.content) > 0 for a in answers)
     text = scrape(gateway)
-    assert metric(text, "tts_admissions_total", decision="admitted") == 1
-    assert metric(text, "tts_admissions_total", decision="queued") == 1
-    assert metric(text, "tts_admission_wait_seconds_sum") > 0
+    assert sample(text, "tts_admissions_total", decision="admitted") == 1
+    assert sample(text, "tts_admissions_total", decision="queued") == 1
+    assert sample(text, "tts_admission_wait_seconds_sum") > 0
 
 
 def test_underruns_and_capacity_are_measured_and_shown(make_gateway, llm):
@@ -330,16 +318,16 @@ def test_underruns_and_capacity_are_measured_and_shown(make_gateway, llm):
         == 200
     )
     text = scrape(gateway)
-    assert metric(text, "tts_stream_underruns_total", endpoint="stream") >= 1
-    assert metric(text, "tts_stream_underrun_seconds_count", endpoint="stream") == 1
-    assert metric(text, "tts_stream_underrun_seconds_sum", endpoint="stream") > 0.1
+    assert sample(text, "tts_stream_underruns_total", endpoint="stream") >= 1
+    assert sample(text, "tts_stream_underrun_seconds_count", endpoint="stream") == 1
+    assert sample(text, "tts_stream_underrun_seconds_sum", endpoint="stream") > 0.1
     capacity = requests.get(f"{gateway.url}/health", timeout=10).json()["capacity"]
     assert 10 < capacity["llm_tokens_per_s"] < 40  # the stand-in's 30 tokens/s
     assert capacity["streams"] < 1 and capacity["active_streams"] == 0
-    assert 10 < metric(text, "tts_capacity_tokens_per_second", stage="llm") < 40
+    assert 10 < sample(text, "tts_capacity_tokens_per_second", stage="llm") < 40
 
     llm.control(tokens_per_s=2000)  # far ahead of real time: nobody waits
-    before = metric(text, "tts_stream_underruns_total", endpoint="stream")
+    before = sample(text, "tts_stream_underruns_total", endpoint="stream")
     assert (
         requests.post(
             f"{gateway.url}/v1/audio/speech/stream", json={"text": "Oli otya?"}, timeout=60
@@ -347,5 +335,5 @@ def test_underruns_and_capacity_are_measured_and_shown(make_gateway, llm):
         == 200
     )
     after = scrape(gateway)
-    assert metric(after, "tts_stream_underruns_total", endpoint="stream") == before
-    assert metric(after, "tts_stream_underrun_seconds_count", endpoint="stream") == 2
+    assert sample(after, "tts_stream_underruns_total", endpoint="stream") == before
+    assert sample(after, "tts_stream_underrun_seconds_count", endpoint="stream") == 2

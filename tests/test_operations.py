@@ -24,21 +24,10 @@ from decoder_gateway.voices.catalog import VoiceCatalog
 from decoder_gateway.voices.library import VoiceLibrary
 from decoder_gateway.voices.service import VoiceService
 from devtools.gateway_server import GOLDEN_BICODEC
+from devtools.metrics import sample
 
 TEXT = "Oli otya? Nze bulungi nnyo."
 WS_PATH = "/v1/audio/speech/stream/ws"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Value of one Prometheus sample (0 when absent)."""
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
-        if not match:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
 
 
 def speak(url: str, **kwargs: object) -> requests.Response:
@@ -62,17 +51,17 @@ def test_metrics_count_requests_latency_and_decoder(make_gateway, llm):
         b"".join(failed.iter_content(4096))
 
     text = requests.get(f"{gateway.url}/metrics", timeout=10).text
-    assert metric(text, "tts_requests_total", endpoint="stream", outcome="completed") == 1
-    assert metric(text, "tts_requests_total", endpoint="stream", outcome="error") == 1
-    assert metric(text, "tts_time_to_first_audio_seconds_count", endpoint="stream") == 2
-    assert metric(text, "tts_real_time_factor_count", endpoint="stream") == 1
-    assert metric(text, "tts_audio_seconds_total", endpoint="stream") > 0
-    assert metric(text, "tts_active_streams") == 0
-    assert metric(text, "tts_decoder_batch_spans_count") > 0
-    assert metric(text, "tts_decoder_batch_seconds_sum") > 0
-    assert metric(text, "tts_llm_semantic_tokens_total") > 0
-    assert metric(text, "tts_llm_semantic_tokens_per_second_count") >= 2
-    assert metric(text, "tts_upstream_errors_total", code="llm_error") == 1
+    assert sample(text, "tts_requests_total", endpoint="stream", outcome="completed") == 1
+    assert sample(text, "tts_requests_total", endpoint="stream", outcome="error") == 1
+    assert sample(text, "tts_time_to_first_audio_seconds_count", endpoint="stream") == 2
+    assert sample(text, "tts_real_time_factor_count", endpoint="stream") == 1
+    assert sample(text, "tts_audio_seconds_total", endpoint="stream") > 0
+    assert sample(text, "tts_active_streams") == 0
+    assert sample(text, "tts_decoder_batch_spans_count") > 0
+    assert sample(text, "tts_decoder_batch_seconds_sum") > 0
+    assert sample(text, "tts_llm_semantic_tokens_total") > 0
+    assert sample(text, "tts_llm_semantic_tokens_per_second_count") >= 2
+    assert sample(text, "tts_upstream_errors_total", code="llm_error") == 1
 
 
 def test_metrics_count_disconnects_and_upstream_aborts(make_gateway, llm):
@@ -89,12 +78,12 @@ def test_metrics_count_disconnects_and_upstream_aborts(make_gateway, llm):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         text = requests.get(f"{gateway.url}/metrics", timeout=10).text
-        if metric(text, "tts_active_streams") == 0:
+        if sample(text, "tts_active_streams") == 0:
             break
         time.sleep(0.1)
-    assert metric(text, "tts_client_disconnects_total", endpoint="stream") == 1
-    assert metric(text, "tts_requests_total", endpoint="stream", outcome="client_disconnected") == 1
-    assert metric(text, "tts_upstream_aborted_total") >= 1
+    assert sample(text, "tts_client_disconnects_total", endpoint="stream") == 1
+    assert sample(text, "tts_requests_total", endpoint="stream", outcome="client_disconnected") == 1
+    assert sample(text, "tts_upstream_aborted_total") >= 1
 
 
 def test_request_id_is_returned_and_sent_to_vllm(gateway, llm):

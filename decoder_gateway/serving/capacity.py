@@ -197,14 +197,16 @@ class CapacityModel:
         if llm is not None:  # the LLM is what a stream needs first
             streams = min(known) / (self.tokens_per_audio_s * (1 + self.headroom))
         busy = min(1.0, self._decoder_busy.rate(now))
-        return CapacityEstimate(llm, self._saturated(now), decoder, busy, streams)
+        saturated = self._saturated(self._llm.rate(now), self._generating.average(now), now)
+        return CapacityEstimate(llm, saturated, decoder, busy, streams)
 
-    def _saturated(self, now: float) -> bool:
-        segments = self._generating.average(now)
+    def _saturated(self, total: float, segments: float, now: float) -> bool:
+        """Segments (``segments`` on average, ``total`` tokens/s in all) get less than
+        their peak rate: the LLM is shared out."""
         peak = self._peak_segment_rate.value(now)
         if segments < 1.5 or not peak:
             return False  # one segment alone shares nothing
-        return self._llm.rate(now) / segments < SATURATED_SHARE * peak
+        return total / segments < SATURATED_SHARE * peak
 
     def _update_llm(self, now: float) -> None:
         segments = self._generating.average(now)
@@ -212,7 +214,7 @@ class CapacityModel:
         if segments < 0.1 or total <= 0:
             return
         self._peak_segment_rate.observe(total / segments, now)
-        if self._saturated(now):
+        if self._saturated(total, segments, now):
             self._llm_capacity.set(total, now)  # shared out: this is all it gives
         else:
             self._llm_capacity.observe(total, now)  # at least this much

@@ -56,7 +56,7 @@ class SegmentSynthesis:
         llm: LLMClient,
         worker: DecodeWorker,
         metrics: Metrics,
-        capacity: CapacityModel | None = None,
+        capacity: CapacityModel,
     ) -> None:
         self.settings = settings
         self.llm = llm
@@ -90,8 +90,7 @@ class SegmentSynthesis:
         first_token_at = last_token_at = 0.0
         tokens = self.llm.stream_tokens(prompt, sampling, request_id=f"{job.request_id}-{index}")
         capacity = self.capacity
-        if capacity is not None:
-            capacity.segment_started()
+        capacity.segment_started()
         # aclosing: whatever ends this loop (cancel, our own error) closes the upstream
         # stream now, so vLLM aborts the request, not when the generator is collected.
         try:
@@ -110,13 +109,11 @@ class SegmentSynthesis:
                         last_token_at = time.monotonic()
                         first_token_at = first_token_at or last_token_at
                         self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
-                        if capacity is not None:
-                            capacity.llm_tokens(len(delta.semantic))
+                        capacity.llm_tokens(len(delta.semantic))
                         session.push(delta.semantic, at=last_token_at)
                         await self._decode_ready(session, index, state, emit)
         finally:
-            if capacity is not None:
-                capacity.segment_ended()
+            capacity.segment_ended()
         if session is None or session.num_tokens == 0:
             if written_globals:
                 _check_globals(written_globals)
