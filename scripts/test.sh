@@ -40,8 +40,8 @@ fi
 if ! command -v ffmpeg >/dev/null && [[ $(id -u) -eq 0 ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; fi # README's curl | ffmpeg example (tests/test_readme.py)
 
 echo "== ruff" >&2
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+.venv/bin/ruff check --no-cache .
+.venv/bin/ruff format --no-cache --check .
 
 echo "== pytest" >&2
 .venv/bin/python -m pytest "$@"

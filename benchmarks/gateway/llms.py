@@ -11,16 +11,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools.standin_llm import StandinProcess
+from devtools.tiny_spark_lm import write_model
+from devtools.vllm_server import VllmServer, vllm_venv, vllm_venv_problem
 from gateway.workload import (
     STANDIN_MODEL,
     STANDIN_PREFILL_S,
     STANDIN_TOKENS_PER_S,
     STANDIN_TOKENS_PER_WORD,
 )
-
-from devtools.standin_llm import StandinProcess
-from devtools.tiny_spark_lm import write_model
-from devtools.vllm_server import VllmServer, vllm_venv, vllm_venv_problem
 
 
 @dataclass
