@@ -13,6 +13,8 @@
 #   DTYPE                   auto|half|float16|bfloat16|float|float32 (default
 #                           bfloat16: float32 fine-tunes loaded as float16 emit garbage)
 #   MAX_NUM_SEQS            optional cap on concurrent sequences
+#   SCHEDULING_POLICY       optional: fcfs (vLLM's default) or priority, which the
+#                           gateway's LLM_PRIORITY needs (vLLM refuses a priority else)
 #   VLLM_API_KEY            optional; guards /v1/* (passed as --api-key, never printed)
 #   HF_TOKEN                optional; exported for the Hugging Face Hub, never printed
 #   EXTRA_VLLM_ARGS         extra flags, appended as given (word-split on purpose)
@@ -41,10 +43,16 @@ GPU_MEMORY_UTILIZATION="${GPU_MEMORY_UTILIZATION-0.5}"
 MAX_MODEL_LEN="${MAX_MODEL_LEN:-4096}"
 DTYPE="${DTYPE:-bfloat16}"
 MAX_NUM_SEQS="${MAX_NUM_SEQS:-}"
+SCHEDULING_POLICY="${SCHEDULING_POLICY:-}"
 VLLM_API_KEY="${VLLM_API_KEY:-}"
 EXTRA_VLLM_ARGS="${EXTRA_VLLM_ARGS:-}"
 
 [[ -n "$MODEL_NAME" ]] || die "MODEL_NAME must not be empty"
+# A local folder (an absolute or ./ path) must be there: vLLM would take it for a Hub
+# repository id and fail with a message that does not say the folder is missing.
+if [[ "$MODEL_NAME" == /* || "$MODEL_NAME" == ./* || "$MODEL_NAME" == ../* ]] && [[ ! -d "$MODEL_NAME" ]]; then
+    die "MODEL_NAME: no model folder at $MODEL_NAME"
+fi
 [[ -n "$VLLM_HOST" ]] || die "VLLM_HOST must not be empty"
 
 if ! is_uint "$VLLM_PORT" || ((10#$VLLM_PORT < 1 || 10#$VLLM_PORT > 65535)); then
@@ -83,6 +91,11 @@ if [[ -n "$MAX_NUM_SEQS" ]]; then
     MAX_NUM_SEQS=$((10#$MAX_NUM_SEQS))
 fi
 
+case "$SCHEDULING_POLICY" in
+    "" | fcfs | priority) ;;
+    *) die "SCHEDULING_POLICY must be fcfs or priority, got '$SCHEDULING_POLICY'" ;;
+esac
+
 case "$DTYPE" in
     auto | half | float16 | bfloat16 | float | float32) ;;
     *) die "DTYPE must be one of auto, half, float16, bfloat16, float, float32; got '$DTYPE'" ;;
@@ -112,6 +125,9 @@ cmd+=(
 )
 if [[ -n "$MAX_NUM_SEQS" ]]; then
     cmd+=(--max-num-seqs "$MAX_NUM_SEQS")
+fi
+if [[ -n "$SCHEDULING_POLICY" ]]; then
+    cmd+=(--scheduling-policy "$SCHEDULING_POLICY")
 fi
 shown=("${cmd[@]}")
 if [[ -n "$VLLM_API_KEY" ]]; then

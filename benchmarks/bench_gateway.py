@@ -1,14 +1,16 @@
 """End-to-end gateway benchmark: time to first audio, real-time factor, underrun.
 
     .venv/bin/python benchmarks/bench_gateway.py [--quick]
-        [--only grid,load,compare,text-in,ramp]
+        [--only grid,load,compare,text-in,ramp,ramp-vllm]
         [--llm standin|vllm|both] [--bicodec-dir DIR]
         [--decoders small,full] [--rates 100,200,400] [--streams 1,4,16,64]
         [--requests-per-stream N] [--cell-timeout S] [--full-max-streams N]
         [--full-dir DIR] [--device cpu|cuda] [--decoder-dtype float32|bfloat16|float16]
         [--tokens-per-chunk N] [--time-budget S]
-        [--ramp-total-tokens-per-s R] [--ramp-tokens-per-s R] [--ramp-streams 4,12,24,36]
-        [--ramp-level-timeout S]
+        [--ramp-total-tokens-per-s R] [--ramp-tokens-per-s R] [--ramp-streams 3,6,12,24]
+        [--ramp-level-timeout S] [--ramp-vllm-streams 2,4,8] [--ramp-vllm-max-num-seqs N]
+        [--cancels N] [--cancel-barging-clients N] [--cancel-load-clients N]
+        [--cancel-tokens-per-s R]
 
 Everything runs as separate processes on this machine, as in a deployment: the LLM
 (the vLLM wire-format stand-in at a GPU-like token rate, and/or the real vLLM CPU
@@ -43,12 +45,22 @@ decoder_gateway``), and this script as the HTTP client. Prints markdown tables:
   LLM's first word.
 * ``ramp``: offered streams ramped past the LLM's capacity, admission control on and
   off in one run. The stand-in shares a ceiling of total tokens/s among its streams
-  (as a GPU's batch shares its decode step; 1000 = 20 real-time streams at 50
-  tokens/s); each offered load is a burst of streams (4, 12, 24, 36; ``--quick``: 6,
-  30) of one paragraph each. Per mode and load: streams admitted and refused
+  (as a GPU's batch shares its decode step; 300 = 6 real-time streams at 50
+  tokens/s); each offered load is a burst of streams (3, 6, 12, 24; ``--quick``: 3,
+  12) of one paragraph each. Per mode and load: streams admitted and refused
   (429/503), admitted streams with an underrun (> 20 ms) and the worst one, first
   audio p50/p90; then a one-line verdict per mode (on 2 cores about 2.5 minutes;
   ``--quick`` about 1).
+* ``ramp-vllm``: the ramp against the real vLLM CPU server (tiny model), capped at
+  ``--ramp-vllm-max-num-seqs`` sequences, started once with first-come scheduling and
+  once with ``--scheduling-policy priority`` and the gateway's ``LLM_PRIORITY``;
+  admission on and off under each (bursts of 2, 4, 8 streams; about 5 minutes).
+* ``cancel``: barge-in under load. HTTP clients post paragraphs back to back while
+  barging sessions on each WebSocket start a paragraph and cancel it a random while
+  after its first audio (HTTP barging clients close the response): per socket, the
+  time from the cancel to its answer, to the last audio byte, and to the upstream
+  (stand-in) abort, p50 and p99 over ``--cancels`` cancels (100; ``--quick`` 20; on
+  2 cores about 2 minutes).
 
 "Playback stall" is the silence a listener who starts playing at the first byte
 would hear mid-utterance, waiting for audio that has not arrived; "listener hears
@@ -176,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ramp.add_argument(
         "--ramp-total-tokens-per-s",
         type=float,
-        default=1000.0,
-        help="stand-in ceiling over all streams (1000: 20 real-time streams)",
+        default=300.0,
+        help="stand-in ceiling over all streams (300: 6 real-time streams, which the "
+        "small decoder keeps up with on 2 CPU cores)",
     )
     ramp.add_argument(
         "--ramp-tokens-per-s", type=float, default=180.0, help="stand-in pace of one stream"
@@ -186,13 +199,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--ramp-streams",
         type=number_list(int),
         default=None,
-        help="offered loads, streams per burst (4,12,24,36 / 6,30)",
+        help="offered loads, streams per burst (3,6,12,24 / 3,12)",
+    )
+    ramp.add_argument(
+        "--ramp-vllm-streams",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=None,
+        help="ramp-vllm: offered loads (default 2,4,8; --quick 2,6)",
+    )
+    ramp.add_argument(
+        "--ramp-vllm-max-num-seqs",
+        type=int,
+        default=3,
+        help="ramp-vllm: vLLM's MAX_NUM_SEQS, so that priority has a queue to reorder",
     )
     ramp.add_argument(
         "--ramp-level-timeout",
         type=float,
         default=90.0,
         help="seconds per offered load; streams still running are cut",
+    )
+    cancel = parser.add_argument_group("cancel", "barge-in: cancels under load")
+    cancel.add_argument(
+        "--cancels", type=int, default=None, help="measured cancels per socket (100 / 20)"
+    )
+    cancel.add_argument(
+        "--cancel-barging-clients",
+        type=int,
+        default=4,
+        help="concurrent barging sessions per socket",
+    )
+    cancel.add_argument(
+        "--cancel-load-clients",
+        type=int,
+        default=4,
+        help="concurrent HTTP clients posting paragraphs meanwhile",
+    )
+    cancel.add_argument(
+        "--cancel-tokens-per-s",
+        type=float,
+        default=75.0,
+        help="stand-in tokens/s per stream (75: 1.5 x real time, a busy GPU)",
     )
     return parser
 

@@ -18,8 +18,10 @@ and outages are then off unless asked for, as each one costs another start).
 For ``--duration`` seconds, ``--clients`` clients (a quarter voice agents writing
 their text in fragments over the streaming-text WebSocket, one cloning voices
 (upload, speak in the voice, delete); of the rest, half on the WebSocket, half
-HTTP) loop over requests with short random texts and voices (seeded), while fault
-clients and LLM faults are injected on a seeded schedule (``benchmarks/load_fault/``):
+HTTP), and one more, a barging voice agent (each utterance, on the streaming-text and
+the seed WebSocket in turn, cancelled a few audio frames in), loop over requests with
+short random texts and voices (seeded), while fault clients and LLM faults are
+injected on a seeded schedule (``benchmarks/load_fault/``):
 
 * a client that disconnects mid-stream (HTTP, WS: a close frame, or a dropped TCP
   connection), one that leaves before its first audio (while the stand-in stalls
@@ -43,13 +45,15 @@ clients and LLM faults are injected on a seeded schedule (``benchmarks/load_faul
   ``drop_after_tokens``, or a stall 5 s longer than the gateway's ``LLM_TIMEOUT_S``,
   which the run sets to ``--llm-timeout``, 10 s).
 
-Every request a client starts ends in one of four classes: completed with audio
+Every request a client starts ends in one of five classes: completed with audio
 (the whole stream, of the length the LLM was asked to write), an explicit error the
 client can tell (an HTTP error status with a JSON error, an HTTP body cut off
 mid-stream, a WS error frame or an SSE error event, a WS close or a refused
-connection), abandoned on purpose by a fault client, or LOST: none of these (a hang
-past the per-request timeout, a stream that ended cleanly but short, an ``end``
-whose sample count is not what was sent). During the run, upstream streams beyond
+connection), abandoned on purpose by a fault client, cancelled by the barging
+client (its answer came and says exactly how much audio was sent), or LOST: none of
+these (a hang past the per-request timeout, a stream that ended cleanly but short,
+an ``end`` whose sample count is not what was sent, a cancel's answer that does not
+match the audio received). During the run, upstream streams beyond
 what the live client requests account for (orphans: kept after their client went)
 are tracked from the LLM's running count. After the clients stop, the LLM must have
 no request left running and the gateway no stream slot held (``/metrics``), and the
@@ -115,6 +119,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated client / in-band fault kinds to inject (default: all of "
         + ", ".join(CLIENT_FAULTS + INBAND_FAULTS)
         + ")",
+    )
+    parser.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="overload phase: offered streams over the ideal number (0: no phase)",
+    )
+    parser.add_argument(
+        "--overload-allow-underruns",
+        action="store_true",
+        help="report the overload phase's underruns without failing the run on them",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep server logs here")

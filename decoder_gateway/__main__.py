@@ -19,6 +19,7 @@ import math
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable
 from types import FrameType
 
@@ -52,15 +53,25 @@ def read_settings() -> Settings:
 
 
 def check_voices(settings: Settings) -> None:
-    """Voice settings that need the catalog and the library (VOICE_ALIASES)."""
+    """Voice settings that need the catalog and the library (VOICE_ALIASES), and a voice
+    folder the gateway can write: cloned voices are stored there."""
+    folder = settings.library_folder()
     try:
         check_voice_aliases(
             settings.alias_map(),
             VoiceCatalog.load(settings.voices_file),
-            VoiceLibrary(settings.library_folder()),
+            VoiceLibrary(folder),
         )
     except (SettingsConflict, ValueError, OSError) as err:
         sys.exit(f"decoder_gateway: invalid settings\n  {err}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        sys.exit(
+            "decoder_gateway: invalid settings\n  VOICE_LIBRARY_DIR: the voice folder "
+            f"{folder} cannot be written ({err.strerror or err})"
+        )
 
 
 def _is_websocket(connection: object) -> bool:

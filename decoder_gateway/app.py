@@ -38,6 +38,7 @@ from decoder_gateway.llm.client import LLMClient
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving import SpeechService
 from decoder_gateway.serving.admission import StreamSlots
+from decoder_gateway.serving.design import VoiceDesigner
 from decoder_gateway.serving.gateway import Gateway
 from decoder_gateway.settings import Settings
 from decoder_gateway.voices.catalog import VoiceCatalog
@@ -98,7 +99,9 @@ async def build_gateway(settings: Settings) -> Gateway:
     await asyncio.to_thread(library.cleanup_stale)
     voice_service = VoiceService(settings, catalog, library, encoder, metrics, encoder_problem)
     speech = SpeechService(settings, llm, worker, voice_service, metrics)
-    return Gateway(settings, voice_service, llm, decoder, worker, speech, metrics)
+    # Designs take their slots from the speech service's: they are speech work too.
+    designer = VoiceDesigner(settings, llm, worker, speech.slots, metrics)
+    return Gateway(settings, voice_service, llm, decoder, worker, speech, metrics, designer)
 
 
 def _load_speaker_encoder(folder: Path, device: str) -> tuple[SpeakerEncoder | None, str | None]:

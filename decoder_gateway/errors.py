@@ -67,6 +67,12 @@ class VoiceCloningUnavailable(GatewayError):
     status, code = 501, "cloning_unavailable"
 
 
+class VoiceDesignUnavailable(GatewayError):
+    """VOICE_DESIGN is off: the model served was not trained to design voices."""
+
+    status, code = 501, "voice_design_unavailable"
+
+
 class NoSuchVoice(VoiceNotFound):
     """A path names a cloned voice that is not in the library (GET / DELETE)."""
 
@@ -110,6 +116,14 @@ class ClientGone(GatewayError):
     status, code = 499, "client_closed_request"
 
 
+class CancelledByClient(GatewayError):
+    """The client cancelled the synthesis on its connection (a barge-in), which stays
+    open: its upstream requests are aborted and its slot freed, and the client is sent
+    what it was sent of the audio, not an error."""
+
+    status, code = 499, "cancelled"
+
+
 class UpstreamUnavailable(GatewayError):
     """vLLM cannot be reached (connection refused, timeout) or is not ready."""
 
@@ -120,6 +134,13 @@ class UpstreamError(GatewayError):
     """vLLM answered with an error, or broke off the stream."""
 
     status, code = 502, "llm_error"
+
+
+class VoiceDesignFailed(UpstreamError):
+    """A design generation did not write exactly 32 global tokens (and speech), even on
+    its retry: no voice is made up from a wrong count."""
+
+    code = "voice_design_failed"
 
 
 class NoAudioGenerated(GatewayError):

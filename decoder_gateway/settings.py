@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_inline_clip_bytes: int = Field(
         512 * 1024, ge=0, description="ref_audio on the speech endpoints (0: refused)"
     )
+    # Voice design (POST /v1/audio/voices/design): voices made from style labels with
+    # the controllable prompt. Off by default: only the base model SparkAudio/Spark-TTS-0.5B
+    # was trained for it; the speaker fine-tunes were not and write no valid voice.
+    voice_design: bool = False
 
     # Sampling defaults (every field is sent explicitly; see PROTOCOL.md)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -94,6 +98,9 @@ class Settings(BaseSettings):
     # First chunk chosen by time: its look-ahead is what arrives this long after the
     # first token (at the measured rate); unset: the count above.
     stream_first_audio_budget_ms: float | None = Field(None, gt=0)
+    # A listener with less audio ahead than this gets its next chunk from the tokens
+    # there are, with less look-ahead, rather than a stall (0: never hurried).
+    stream_min_buffer_ms: float = Field(300.0, ge=0)
 
     # Limits
     max_text_chars: int = Field(5000, ge=1)
@@ -105,10 +112,14 @@ class Settings(BaseSettings):
     # listener; otherwise it waits up to ADMISSION_QUEUE_S, then gets 429.
     admission_control: bool = True
     admission_queue_s: float = Field(2.0, ge=0)
-    admission_headroom: float = Field(0.25, ge=0)
+    admission_headroom: float = Field(0.2, ge=0)
     admission_cold_streams: int = Field(4, ge=1)
     admission_margin_s: float = Field(0.3, ge=0)
     segment_lookahead: int = Field(2, ge=1, description="segments generated ahead of playback")
+    # Send each segment's urgency (its listener's buffer, in 100 ms steps) as vLLM's
+    # request priority. Only for a vLLM started with SCHEDULING_POLICY=priority (any
+    # other refuses a priority); measured in docs/performance.md.
+    llm_priority: bool = False
 
     # Backpressure: audio chunks buffered per segment for a client that reads slowly,
     # and how long one send to a client may wait (its receive window closed) before

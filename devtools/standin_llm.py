@@ -15,6 +15,11 @@ What a completion holds is decided by the prompt (see :func:`expected_output_ids
 * a prompt that ends with ``<|start_global_token|>`` (no pinned voice) first gets
   ``global_count`` (32) ``<|bicodec_global_N|>`` tokens, then
   ``<|end_global_token|><|start_semantic_token|>``;
+* a controllable (voice-design) prompt, ending with ``<|end_style_label|>``, first
+  gets attribute tokens as the base model writes before its voice (here its style
+  labels again and ``<|start_global_token|>``; ``attribute_tokens=False``: none), then
+  the globals as above; they depend on the labels and on the request's ``seed``
+  (:func:`expected_global_tokens`), so candidates of one design differ;
 * then come the ``<|bicodec_semantic_N|>`` tokens: ``tokens_per_segment`` of them
   when that is set, else ``tokens_per_word`` (10) per whitespace-separated word of
   the content text, at least ``min_semantic_tokens`` (5)
@@ -120,6 +125,7 @@ _TOKEN_PATTERN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 _TEXT_PIECE = re.compile(r"\s*\S+|\s+")
 _CONTENT = re.compile(r"<\|start_content\|>(.*?)<\|end_content\|>", re.DOTALL)
 _SPEAKER_PREFIX = re.compile(r"^[^\s:]+:\s")
+_STYLE = re.compile(r"<\|start_style_label\|>(.*?)<\|end_style_label\|>", re.DOTALL)
 
 
 def token_str(token_id: int) -> str:
@@ -200,6 +206,8 @@ class StandinConfig:
     tokens_per_segment: int | None = None
     tokens_per_word: int = 10
     min_semantic_tokens: int = 5
+    # Controllable prompts: attribute tokens before the globals (the reader skips them).
+    attribute_tokens: bool = True
     # ---- faults (FAULT_FIELDS) ----
     global_count: int = 32  # globals written when the prompt pins none
     fail_before_stream: int | None = None  # answer with this HTTP status (e.g. 500, 503)
@@ -313,23 +321,51 @@ def expected_semantic_tokens(prompt: str, config: StandinConfig | None = None) -
     return [(seed + 7919 * i) % SEMANTIC_SIZE for i in range(count)]
 
 
-def expected_global_tokens(prompt: str, config: StandinConfig | None = None) -> list[int]:
-    """The global codebook values (0..4095) written when the prompt pins none, else []."""
+def _style_labels(prompt: str) -> str:
+    """The style labels of a controllable prompt ("" for any other)."""
+    match = _STYLE.search(prompt)
+    return match.group(1) if match else ""
+
+
+def expected_global_tokens(
+    prompt: str, config: StandinConfig | None = None, seed: int | None = None
+) -> list[int]:
+    """The global codebook values (0..4095) written when the prompt pins none, else [].
+
+    A function of the content text, the style labels (controllable prompts) and the
+    request's ``seed`` (when it sends one).
+    """
     config = config or StandinConfig()
     if pins_globals(prompt) or config.no_semantic_tokens:
         return []
-    seed = zlib.crc32(content_text(prompt).encode()) >> 7
-    return [(seed + 131 * i) % GLOBAL_SIZE for i in range(config.global_count)]
+    key = content_text(prompt) + _style_labels(prompt)
+    if seed is not None:
+        key += f"|seed={seed}"
+    start = zlib.crc32(key.encode()) >> 7
+    return [(start + 131 * i) % GLOBAL_SIZE for i in range(config.global_count)]
 
 
-def expected_output_ids(prompt: str, config: StandinConfig | None = None) -> list[int]:
+def expected_attribute_tokens(prompt: str, config: StandinConfig | None = None) -> list[int]:
+    """Ids written before the globals of a controllable prompt: its labels, then
+    ``<|start_global_token|>`` (none with ``attribute_tokens=False``)."""
+    config = config or StandinConfig()
+    labels = _style_labels(prompt)
+    if not labels or not config.attribute_tokens or pins_globals(prompt):
+        return []
+    return [*tokenize(labels)[0], START_GLOBAL]
+
+
+def expected_output_ids(
+    prompt: str, config: StandinConfig | None = None, seed: int | None = None
+) -> list[int]:
     """Every id the "model" would write for ``prompt``, ignoring stops and max_tokens."""
     config = config or StandinConfig()
     if config.no_semantic_tokens:
         return [END_SEMANTIC, IM_END]
     ids: list[int] = []
-    globals_ = expected_global_tokens(prompt, config)
+    globals_ = expected_global_tokens(prompt, config, seed)
     if globals_:
+        ids += expected_attribute_tokens(prompt, config)
         ids += [GLOBAL_BASE + g for g in globals_] + [END_GLOBAL, START_SEMANTIC]
     ids += [SEMANTIC_BASE + s for s in expected_semantic_tokens(prompt, config)]
     return [*ids, END_SEMANTIC, IM_END]
@@ -351,10 +387,11 @@ def plan_completion(
     max_tokens: int,
     stop_token_ids: list[int] | tuple[int, ...] = (),
     ignore_eos: bool = False,
+    seed: int | None = None,
 ) -> Completion:
     """Apply vLLM's stop checks (EOS, stop_token_ids, then length) to the output ids."""
     out: list[int] = []
-    for token in expected_output_ids(prompt, config):
+    for token in expected_output_ids(prompt, config, seed):
         out.append(token)
         if token == IM_END and not ignore_eos:
             return Completion(out, "stop", None, True)
@@ -392,11 +429,17 @@ class Stats:
     generated_tokens: int = 0  # ids sent in streams, over all requests
     finished_reasons: dict[str, int] = field(default_factory=dict)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    # How the latest requests ended: {"request_id", "content" (the prompt's text), "end"
+    # (completed, aborted, ...), "at"}, "at" on time.monotonic(), the host's clock for
+    # every process on Linux, so a client can time how long after its cancel a request
+    # was aborted.
+    endings: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5000))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready counters, with ``requests`` and ``last_request``."""
+        """JSON-ready counters, with ``requests``, ``last_request`` and ``endings``."""
         data = dataclasses.asdict(self)
         data["requests"] = list(self.requests)
+        data["endings"] = list(self.endings)
         data["last_request"] = self.requests[-1] if self.requests else None
         return data
 
@@ -443,6 +486,8 @@ class _Outcome:
     end: str | None = None  # "completed" | "errored", set as the last event is queued
     finish_reason: str | None = None
     sent_tokens: int = 0
+    request_id: str = ""
+    content: str = ""  # the prompt's text (content_text)
 
 
 class _EventStreamResponse(Response):
@@ -712,8 +757,11 @@ class StandinLLM:
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
             raise ValueError("stop_token_ids must be a list of ints")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError("seed must be an integer")
         completion = plan_completion(
-            prompt, config, min(max_tokens, room), stop_ids, bool(body.get("ignore_eos"))
+            prompt, config, min(max_tokens, room), stop_ids, bool(body.get("ignore_eos")), seed
         )
         base_id = request.headers.get("x-request-id") or body.get("request_id")
         request_id = f"cmpl-{base_id or uuid.uuid4().hex[:16]}"
@@ -722,12 +770,22 @@ class StandinLLM:
         self.stats.running += 1
         self.stats.max_running = max(self.stats.max_running, self.stats.running)
         if not body.get("stream"):
-            return await self._whole_completion(body, config, completion, prompt_ids, request_id)
-        outcome = _Outcome()
+            return await self._whole_completion(
+                body, config, completion, prompt_ids, request_id, content_text(prompt)
+            )
+        outcome = _Outcome(request_id=request_id, content=content_text(prompt))
         events = self._events(body, config, completion, prompt_ids, request_id, outcome)
         return _EventStreamResponse(events, outcome, self._on_end)
 
     def _on_end(self, end: str, outcome: _Outcome) -> None:
+        self.stats.endings.append(
+            {
+                "request_id": outcome.request_id,
+                "content": outcome.content,
+                "end": end,
+                "at": time.monotonic(),
+            }
+        )
         self.stats.running -= 1
         setattr(self.stats, end, getattr(self.stats, end) + 1)
         if end == "completed":
@@ -781,6 +839,7 @@ class StandinLLM:
         completion: Completion,
         prompt_ids: list[int],
         request_id: str,
+        content: str,
     ) -> Response:
         """A non-streaming answer, after the time the tokens would take (faults ignored)."""
         end = "aborted"
@@ -824,7 +883,15 @@ class StandinLLM:
                 }
             )
         finally:
-            self._on_end(end, _Outcome(end=end, finish_reason=completion.finish_reason))
+            self._on_end(
+                end,
+                _Outcome(
+                    end=end,
+                    finish_reason=completion.finish_reason,
+                    request_id=request_id,
+                    content=content,
+                ),
+            )
 
     async def _events(
         self,

@@ -59,9 +59,17 @@ def test_an_llm_with_room_is_at_least_what_it_delivers():
     model = CapacityModel(TOKENS_PER_AUDIO_S, headroom=0.25, clock=clock)
     feed(model, clock, segments=2, rate=180, seconds=3)
     estimate = model.estimate()
-    assert not estimate.llm_saturated
+    assert not estimate.llm_saturated and estimate.lower_bound  # admission may probe
     assert estimate.llm_tokens_per_s == pytest.approx(360, rel=0.05)
     assert estimate.streams == pytest.approx(360 / (50 * 1.25), rel=0.05)
+
+
+def test_a_segment_fed_slower_than_a_stream_needs_is_no_lower_bound():
+    clock = Clock()
+    model = CapacityModel(TOKENS_PER_AUDIO_S, headroom=0.25, clock=clock)
+    feed(model, clock, segments=1, rate=40, seconds=3)  # alone, and still under 62.5
+    estimate = model.estimate()
+    assert not estimate.llm_saturated and not estimate.lower_bound
 
 
 def test_an_llm_shared_out_is_at_its_capacity_and_the_estimate_comes_down_to_it():
@@ -71,7 +79,7 @@ def test_an_llm_shared_out_is_at_its_capacity_and_the_estimate_comes_down_to_it(
     assert model.estimate().llm_tokens_per_s == pytest.approx(720, rel=0.05)
     feed(model, clock, segments=12, rate=40, seconds=6)  # 480 in all: each far below its peak
     estimate = model.estimate()
-    assert estimate.llm_saturated
+    assert estimate.llm_saturated and not estimate.lower_bound
     assert estimate.llm_tokens_per_s == pytest.approx(480, rel=0.05)
     assert estimate.streams == pytest.approx(480 / 62.5, rel=0.05)
 
@@ -80,17 +88,24 @@ def test_the_slower_of_llm_and_decoder_sets_the_streams():
     clock = Clock()
     model = CapacityModel(TOKENS_PER_AUDIO_S, headroom=0.0, clock=clock)
     feed(model, clock, segments=2, rate=200, seconds=2)
-    for _ in range(10):  # busy a third of the time: it has room, and says nothing yet
+    for _ in range(10):  # busy a third of the time, 200 tokens per busy second: at least
         clock.now += 0.3
-        model.decoded(tokens=10, busy_s=0.1)
-    assert model.estimate().decoder_tokens_per_s is None
-    assert model.estimate().decoder_busy == pytest.approx(1 / 3, abs=0.05)
+        model.decoded(tokens=20, busy_s=0.1)
+    estimate = model.estimate()
+    assert estimate.decoder_tokens_per_s == pytest.approx(200, rel=0.05)
+    assert estimate.decoder_busy == pytest.approx(1 / 3, abs=0.05)
+    assert estimate.streams == pytest.approx(4.0, rel=0.05) and estimate.lower_bound
     for _ in range(50):  # busy all the time, a window long: 100 tokens/s is all it does
         clock.now += 0.1
         model.decoded(tokens=10, busy_s=0.1)
     estimate = model.estimate()
     assert estimate.decoder_tokens_per_s == pytest.approx(100, rel=0.05)
     assert estimate.streams == pytest.approx(2.0, rel=0.05)
+    assert not estimate.lower_bound  # the decoder bounds it, and is busy: no probing
+    for _ in range(60):  # busy 90% of the time: 100 per second, 111 per busy second
+        clock.now += 0.1
+        model.decoded(tokens=10, busy_s=0.09)
+    assert model.estimate().decoder_tokens_per_s == pytest.approx(111, rel=0.05)
 
 
 def test_an_estimate_fades_when_nothing_confirms_it():
@@ -182,12 +197,38 @@ async def test_the_hard_limit_refuses_at_once_and_draining_says_shutting_down():
 async def test_admission_follows_the_measured_capacity():
     clock = Clock()
     slots, model = slots_of(clock, cold_streams=1, queue_s=0.0)
-    feed(model, clock, segments=3, rate=50, seconds=3)  # 150 tokens/s: 2.4 streams at 1.25x
+    feed(model, clock, segments=1, rate=150, seconds=1)  # alone: 150 tokens/s
+    feed(model, clock, segments=3, rate=50, seconds=5)  # shared out: 2.4 streams at 1.25x
     assert model.estimate().streams == pytest.approx(2.4, rel=0.05)
+    assert model.estimate().llm_saturated
     await slots.acquire(PlaybackClock())
     await slots.acquire(PlaybackClock())  # past the cold allowance: measured now
     with pytest.raises(Overloaded, match="about 2 in real time"):
         await slots.acquire(PlaybackClock())
+
+
+async def test_past_a_lower_bound_admission_probes_one_stream_at_a_time():
+    """An LLM that has shared nothing out may give more: one stream past the estimate
+    is let in per probe interval, the next waits for it."""
+    clock = Clock()
+    slots, model = slots_of(clock, cold_streams=1, queue_s=0.0)
+    feed(model, clock, segments=1, rate=180, seconds=2)  # alone at 180: 2.9 streams, or more
+    assert model.estimate().lower_bound
+    streams = [PlaybackClock(clock) for _ in range(5)]
+    for stream in streams[:2]:
+        await slots.acquire(stream)
+    with pytest.raises(Overloaded):
+        await slots.acquire(streams[2])  # no probe while a stream waits for its first audio
+    for stream in streams[:2]:
+        stream.sent(2.0)  # both play, with audio to spare
+    await slots.acquire(streams[2])  # the third: a probe
+    streams[2].sent(2.0)
+    with pytest.raises(Overloaded):
+        await slots.acquire(streams[3])  # the fourth: the probe just made must show first
+    slots.policy = AdmissionPolicy(limit=8, queue_s=2.0, cold_streams=1, margin_s=0.3)
+    waited = await slots.acquire(streams[3])  # the next probe, an interval later
+    assert 0.2 < waited <= StreamSlots.PROBE_INTERVAL_S + 0.2
+    assert slots.active == 4
 
 
 async def test_a_stream_running_short_of_audio_stops_admission():

@@ -288,9 +288,10 @@ class ExactnessTracker:
 @pytest.mark.parametrize("seed", range(40))
 def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
     """Random settings, length and arrival (pushes of 1..N tokens, plan and decode at
-    random times, chunks still waiting at finish, so a batch may hold several chunks
-    of the stream): 320 samples per token, every chunk as the window decode gives it,
-    and every sample that only exact decodes went into equals the full decode's."""
+    random times, some plans hurried, chunks still waiting at finish, so a batch may
+    hold several chunks of the stream): 320 samples per token, every chunk as the
+    window decode gives it, and every sample that only exact decodes went into equals
+    the full decode's."""
     rng = random.Random(seed)
     config = random_config(rng)
     voice = [rng.randrange(4096) for _ in range(32)]
@@ -301,6 +302,8 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
         length = rng.choice(chunk_ends(session, 300))
     semantic = [rng.randrange(8192) for _ in range(length)]
     max_push = rng.choice([1, 3, 10, 40])
+    hurry_rng = random.Random(-seed)  # apart, so that the other draws stay as they were
+    hurried = seed % 2 == 1
 
     tracker = ExactnessTracker(session, length)
     out: list[torch.Tensor] = []
@@ -325,7 +328,8 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
         session.push(semantic[position : position + size])
         position += size
         if rng.random() < 0.8:
-            waiting += session.plan()
+            # Half the seeds also hurry some plans (a listener about to run dry).
+            waiting += session.plan(hurry=hurried and hurry_rng.random() < 0.4)
         if rng.random() < 0.7:
             decode_waiting()
     session.finish()

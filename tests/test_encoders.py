@@ -76,6 +76,8 @@ def test_every_format_is_declared_with_its_content_type():
         "flac": "audio/flac",
         "wav": "audio/wav",
         "pcm": "audio/pcm",
+        "mulaw": "audio/basic",
+        "alaw": "audio/x-alaw-basic",
     }
 
 
@@ -119,6 +121,35 @@ def test_lossy_formats_decode_to_the_length_plus_encoder_padding(response_format
     want = resampled_length(len(audio), INPUT_RATE, rate)
     assert want <= len(samples) <= want + LOSSY_SLACK[response_format] * rate // 24000
     assert dominant_frequency(samples, rate) == pytest.approx(220, abs=3)
+
+
+@pytest.mark.parametrize(("response_format", "silence"), [("mulaw", 0xFF), ("alaw", 0xD5)])
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_g711_is_one_byte_per_sample_and_decodes_to_the_pcm(response_format, silence, rate):
+    """G.711 from the same samples as pcm: FFmpeg's decoder (PyAV) gives them back to
+    within the 8-bit companding step, which grows with the amplitude (at most about 3 %
+    of it, and a few units near zero)."""
+    audio = np.concatenate([np.zeros(800, np.float32), tone(1.21), tone(0.3) * 2.5])
+    data = b"".join(run_pipeline(AudioPipeline(response_format, INPUT_RATE, rate), audio))
+    assert len(data) == resampled_length(len(audio), INPUT_RATE, rate)  # no header
+    assert set(data[: 800 * rate // INPUT_RATE // 2]) == {silence}  # G.711's code for 0
+    with av.open(io.BytesIO(data), "r", format=response_format) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == f"pcm_{response_format}"
+        decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(stream)])
+    pcm = b"".join(run_pipeline(AudioPipeline("pcm", INPUT_RATE, rate), audio))
+    want = np.frombuffer(pcm, "<i2").astype(np.int64)
+    assert decoded.dtype == np.int16 and len(decoded) == len(want)
+    assert np.all(np.abs(decoded.astype(np.int64) - want) <= 16 + 0.035 * np.abs(want))
+    assert np.abs(decoded).max() > 30000  # the clipped part is there, at full scale
+
+
+def test_g711_formats_are_8_khz_unless_asked_otherwise():
+    assert {name: f.default_rate for name, f in FORMATS.items() if f.default_rate} == {
+        "mulaw": 8000,
+        "alaw": 8000,
+    }
+    assert FORMATS["mulaw"].sample_rates == FORMATS["alaw"].sample_rates == SAMPLE_RATES
 
 
 def test_wav_header_leaves_the_length_open():

@@ -22,6 +22,7 @@ ENV_VARS = (
     "MAX_MODEL_LEN",
     "DTYPE",
     "MAX_NUM_SEQS",
+    "SCHEDULING_POLICY",
     "VLLM_API_KEY",
     "HF_TOKEN",
     "EXTRA_VLLM_ARGS",
@@ -97,11 +98,13 @@ def test_defaults(fake_bin: Path) -> None:
     assert env["HF_TOKEN"] is None
 
 
-def test_custom_values(fake_bin: Path) -> None:
+def test_custom_values(fake_bin: Path, tmp_path: Path) -> None:
     """Every variable ends up in its flag, optional flags in the documented order."""
+    model = tmp_path / "spark"
+    model.mkdir()
     argv, env, stderr = launched(
         fake_bin,
-        MODEL_NAME="/models/spark",
+        MODEL_NAME=str(model),
         SERVED_MODEL_NAME="spark",
         VLLM_HOST="127.0.0.1",
         VLLM_PORT="9001",
@@ -109,14 +112,17 @@ def test_custom_values(fake_bin: Path) -> None:
         MAX_MODEL_LEN="2048",
         DTYPE="float32",
         MAX_NUM_SEQS="16",
+        SCHEDULING_POLICY="priority",
         VLLM_API_KEY="s3cret-key",
         HF_TOKEN="hf_tok_value",
         EXTRA_VLLM_ARGS="  --enforce-eager\n--seed 7  --max-num-batched-tokens '*' ",
     )
     assert argv == [
-        *expected_argv("/models/spark", "spark", "127.0.0.1", "9001", "0.35", "2048", "float32"),
+        *expected_argv(str(model), "spark", "127.0.0.1", "9001", "0.35", "2048", "float32"),
         "--max-num-seqs",
         "16",
+        "--scheduling-policy",
+        "priority",
         "--api-key",
         "s3cret-key",
         "--enforce-eager",
@@ -183,6 +189,7 @@ def test_dtypes_accepted(fake_bin: Path, dtype: str) -> None:
         ("MAX_NUM_SEQS", "many"),
         ("MAX_NUM_SEQS", "0"),
         ("MAX_NUM_SEQS", "2.5"),
+        ("SCHEDULING_POLICY", "lifo"),
         ("DTYPE", "bf16"),
         ("DTYPE", "int8"),
         ("DTYPE", "BFLOAT16"),
@@ -194,6 +201,19 @@ def test_bad_values_refused(fake_bin: Path, name: str, value: str) -> None:
     assert proc.returncode != 0
     assert proc.stdout == "", "vLLM must not be started"
     assert name in proc.stderr and value in proc.stderr
+
+
+def test_a_missing_model_folder_is_named(fake_bin: Path, tmp_path: Path) -> None:
+    """A local path that is not there stops the launcher naming it (vLLM would take it
+    for a Hub repository id); a Hub id is left to vLLM."""
+    missing = tmp_path / "no-such-model"
+    proc = run_launcher(fake_bin, MODEL_NAME=str(missing))
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert f"MODEL_NAME: no model folder at {missing}" in proc.stderr
+    assert launched(fake_bin, MODEL_NAME="org/model")[0][:2] == [
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+    ]
 
 
 def test_shellcheck_clean() -> None:

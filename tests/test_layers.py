@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "decoder_gateway.serving": 6,
     "decoder_gateway.api": 7,
     "decoder_gateway.client": 7,
+    "decoder_gateway.integrations": 7,  # services for voice-agent frameworks, over WS only
     "decoder_gateway.app": 8,
     "decoder_gateway.__main__": 9,
     "decoder_gateway": 9,  # the package's own __init__

@@ -254,6 +254,16 @@ def check_python_text_in(block: Block, result, workdir: Path) -> None:
     )
 
 
+def check_python_barge_in(block: Block, result, workdir: Path) -> None:
+    """The reply was cut off in its second sentence (the first one sent whole, the
+    second one's length not known yet), then the answer was spoken whole."""
+    (reply,) = re.findall(r'REPLY = "([^"]+)"', block.code)
+    (answer,) = re.findall(r'ANSWER = "([^"]+)"', block.code)
+    first = split_segments(reply)[0]
+    assert re.fullmatch(rf"cut off after [0-9.]+ s: {re.escape(repr(first))}\n", result.stdout)
+    assert wav_frames(workdir / "answer.wav") == expected_samples(answer, voice="swahili_male")
+
+
 def check_python_http(block: Block, result, workdir: Path) -> None:
     (text,) = spoken_texts(block.code)
     assert wav_frames(workdir / "speech.wav") == expected_samples(text)
@@ -320,6 +330,8 @@ class Example:
     check: Callable[[Block, subprocess.CompletedProcess[str], Path], None]
     # Needs a gateway that can clone (the golden speaker checkpoint) and a clip to clone.
     cloning: bool = False
+    # Stand-in settings for its run (the barge-in example wants an LLM at real time).
+    standin: dict[str, float] | None = None
 
 
 EXAMPLES = [
@@ -329,7 +341,19 @@ EXAMPLES = [
         lambda c: "import websockets" in c and "input.text" not in c,
         check_python_websocket,
     ),
-    Example("python-text-in", "python", lambda c: "input.text" in c, check_python_text_in),
+    Example(
+        "python-text-in",
+        "python",
+        lambda c: "input.text" in c and "input.cancel" not in c,
+        check_python_text_in,
+    ),
+    Example(
+        "python-barge-in",
+        "python",
+        lambda c: "input.cancel" in c,
+        check_python_barge_in,
+        standin={"tokens_per_s": 50.0},
+    ),
     Example("python-requests", "python", lambda c: "import requests" in c, check_python_http),
     Example("python-openai-sdk", "python", lambda c: "from openai import" in c, check_openai_sdk),
     Example("node-fetch", "js", lambda c: "fetch(" in c, check_node_fetch),
@@ -399,6 +423,8 @@ def test_example_runs_as_written(example: Example, gateway, make_gateway, llm, t
     if example.cloning:
         gateway = make_gateway(BICODEC_DIR=str(GOLDEN_SPEAKER))
         shutil.copy(GOLDEN_SPEAKER / "clips" / "case_0.wav", tmp_path / "amina.wav")
+    if example.standin:
+        llm.control(**example.standin)
     result = run_block(block, gateway, tmp_path)
     example.check(block, result, tmp_path)
     assert llm.stats()["received"] > 0  # the audio came through the gateway and the LLM

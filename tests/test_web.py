@@ -21,6 +21,7 @@ import requests
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 from devtools.paths import GOLDEN_SPEAKER
+from devtools.standin_llm import expected_global_tokens
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -500,3 +501,38 @@ def test_clone_with_an_api_key(browser: Browser, cloning_gateway):
         page.get_by_role("button", name="Yes, delete").click()
         expect(clone_status(page)).to_have_attribute("data-state", "deleted", timeout=TIMEOUT_MS)
         assert cloned_ids(gateway, api_key="clone-key") == []
+
+
+# -- the Design panel ---------------------------------------------------------------
+
+
+def test_design_audition_and_save_a_voice(browser: Browser, make_gateway, llm):
+    gateway = make_gateway(VOICE_DESIGN="on")
+    with opened(browser, gateway.url, http_errors=True) as page:
+        page.get_by_label("Speaker", exact=True).select_option("male")
+        page.get_by_label("Pitch", exact=True).select_option("low")
+        page.get_by_label("Candidates", exact=True).select_option("2")
+        page.get_by_role("button", name="Design", exact=True).click()
+        design_status = page.locator("#design-status")
+        expect(design_status).to_have_attribute("data-state", "designed", timeout=TIMEOUT_MS)
+        players = page.locator("#design-candidates audio")
+        expect(players).to_have_count(2)
+        expect(players.first).to_have_attribute("src", re.compile("^data:audio/wav;base64,"))
+        # The browser itself decodes the preview.
+        duration = players.nth(1).evaluate(
+            "a => new Promise(done => a.readyState >= 1 ? done(a.duration)"
+            " : a.addEventListener('loadedmetadata', () => done(a.duration)))"
+        )
+        assert duration > 0.1
+        page.get_by_label("Keep", exact=True).select_option("1")
+        page.get_by_label("Name to save as", exact=True).fill("deep_voice")
+        page.get_by_role("button", name="Save voice").click()
+        expect(design_status).to_have_attribute("data-state", "saved", timeout=TIMEOUT_MS)
+        expect(page.get_by_label("Voice", exact=True)).to_have_value("deep_voice")
+    stored = requests.get(f"{gateway.url}/v1/audio/voices/deep_voice", timeout=10).json()
+    designs = [r for r in llm.stats()["requests"] if "task_controllable_tts" in r["prompt"]]
+    second = max(designs, key=lambda r: r["seed"])  # candidate 2 samples with seed + 1
+    assert "<|gender_1|><|pitch_label_1|>" in second["prompt"]
+    tokens = stored["voice"]["global_tokens"]
+    assert tokens == expected_global_tokens(second["prompt"], seed=second["seed"])
+    assert stored["voice"]["gender"] == "male"

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from report import table  # benchmarks/, the script's own folder
 
 from decoder_gateway.client import ClientError, GatewayClient, ServerError, StreamBroken
@@ -63,7 +64,7 @@ class RampPlan:
 
 def ramp_plan(args: argparse.Namespace) -> RampPlan:
     """The ramp's settings from the flags; ``--quick`` has fewer offered loads."""
-    default = [6, 30] if args.quick else [4, 12, 24, 36]
+    default = [3, 12] if args.quick else [3, 6, 12, 24]
     return RampPlan(
         total_tokens_per_s=args.ramp_total_tokens_per_s,
         tokens_per_s=args.ramp_tokens_per_s,
@@ -105,7 +106,7 @@ async def _offer(client: GatewayClient, text: str, delay_s: float, offered: Offe
         offered.delivery.error = str(err) or type(err).__name__
 
 
-async def _burst(url: str, plan: RampPlan, streams: int) -> list[Offered]:
+async def offer_burst(url: str, plan: RampPlan, streams: int) -> list[Offered]:
     """``streams`` requests arriving over ``plan.arrival_s``; cut at the time limit."""
     results = [Offered(Delivery()) for _ in range(streams)]
     async with GatewayClient(
@@ -183,6 +184,16 @@ def verdict(mode: str, plan: RampPlan, levels: list[list[Offered]]) -> str:
     )
 
 
+def capacity_line(mode: str, url: str) -> str:
+    """What the gateway measured of the LLM and the decoder (its /health)."""
+    capacity = httpx.get(f"{url}/health", timeout=10).json().get("capacity", {})
+    return (
+        f"- {mode}: the gateway measured the LLM at {capacity.get('llm_tokens_per_s')} "
+        f"tokens/s and the decoder at {capacity.get('decoder_tokens_per_s')} tokens per "
+        f"busy second: {capacity.get('streams')} real-time streams with headroom."
+    )
+
+
 def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
     seconds = [
         sum(max(5, STANDIN_TOKENS_PER_WORD * len(s.split())) for s in split_segments(t))
@@ -228,12 +239,12 @@ def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
                 **env,
             ) as gateway:
                 try:
-                    asyncio.run(_burst(gateway.url, plan, 1))  # warm-up
+                    asyncio.run(offer_burst(gateway.url, plan, 1))  # warm-up
                     wait_idle(gateway, standin, 30.0)
                     levels = []
                     for streams in plan.streams:
                         started = time.perf_counter()
-                        results = asyncio.run(_burst(gateway.url, plan, streams))
+                        results = asyncio.run(offer_burst(gateway.url, plan, streams))
                         print(
                             f"({mode}, {streams} streams: {time.perf_counter() - started:.1f} s)",
                             file=sys.stderr,
@@ -243,6 +254,7 @@ def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
                         rows.append(ramp_row(mode, streams, results))
                         wait_idle(gateway, standin, 60.0)
                     verdicts.append(verdict(mode, plan, levels))
+                    verdicts.append(capacity_line(mode, gateway.url))
                 except Exception:
                     print(f"\nGateway log tail:\n{gateway.log_tail()}")
                     raise

@@ -18,16 +18,26 @@ from decoder_gateway.settings import Settings
 from decoder_gateway.text import split_segments
 from devtools import GOLDEN_BICODEC
 from devtools.gateway_server import GatewayServer
+from gateway.cancel import CANCEL_SECTION, cancel_plan, run_cancel
 from gateway.compare import run_compare
 from gateway.decoder import Decoder, describe_decoder, full_size_decoder, load_decoder
 from gateway.grid import GRID_SECTION, GridPlan, run_grid
 from gateway.llms import Llm, standin_llm, vllm_llm
 from gateway.load import load_level, run_load
 from gateway.ramp import RAMP_SECTION, ramp_plan, run_ramp
+from gateway.ramp_vllm import RAMP_VLLM_SECTION, run_ramp_vllm, vllm_ramp_plan
 from gateway.text_in import run_text_in
 from gateway.workload import PARAGRAPHS, TEMPERATURE, VOICE, Plan
 
-SECTIONS = [GRID_SECTION, "load", "compare", "text-in", RAMP_SECTION]
+SECTIONS = [
+    GRID_SECTION,
+    "load",
+    "compare",
+    "text-in",
+    RAMP_SECTION,
+    RAMP_VLLM_SECTION,
+    CANCEL_SECTION,
+]
 
 
 def run_llm(
@@ -108,7 +118,9 @@ def run(args: argparse.Namespace, sections: list[str], plan: GridPlan | None) ->
         vllm_plan = Plan([(1, 3), (4, 2), (16, 1)], compare_repeats=3)
     # The tiny vLLM's sentences are all the same length; two per paragraph keeps it short.
     vllm_texts = [" ".join(split_segments(p)[:2]) for p in PARAGRAPHS]
-    classic = [name for name in sections if name not in (GRID_SECTION, RAMP_SECTION)]
+    classic = [
+        name for name in sections if name not in (GRID_SECTION, RAMP_SECTION, CANCEL_SECTION)
+    ]
 
     with tempfile.TemporaryDirectory(prefix="bench_gateway_") as tmp:
         logs = args.log_dir or Path(tmp)
@@ -151,4 +163,8 @@ def run(args: argparse.Namespace, sections: list[str], plan: GridPlan | None) ->
                     )
         if RAMP_SECTION in sections:
             run_ramp(ramp_plan(args), logs, gateway_env)
+        if RAMP_VLLM_SECTION in sections:
+            run_ramp_vllm(vllm_ramp_plan(args), logs, gateway_env)
+        if CANCEL_SECTION in sections:
+            run_cancel(cancel_plan(args), logs, gateway_env)
         print(f"\n(benchmark ran {time.perf_counter() - started:.0f} s)")

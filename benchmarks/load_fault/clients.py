@@ -79,7 +79,11 @@ WORDS = (
 SHORT_WORDS = "go to at in on up we me be so no do it is as by my he an or".split()
 
 COMPLETED, ERROR, ABANDONED, LOST = "completed", "explicit_error", "abandoned", "lost"
-OUTCOMES = (COMPLETED, ERROR, ABANDONED, LOST)
+CANCELLED = "cancelled"  # stopped by its client's cancel (a barge-in), answered as promised
+OUTCOMES = (COMPLETED, ERROR, ABANDONED, CANCELLED, LOST)
+# A cancel's answer later than this is an anomaly (the gateway promises 0.5 s; the
+# rest is room for a machine shared with the LLM, the faults and every other client).
+CANCEL_ANSWER_BOUND_S = 2.0
 
 
 # --------------------------------------------------------------------------------------
@@ -675,6 +679,115 @@ class Clients:
         finally:
             if ws is not None:
                 await ws.close()
+
+    async def barging_client(self, index: int) -> None:
+        """A voice agent whose user talks over it: utterances on the streaming-text and
+        the seed WebSocket in turn, each cancelled a few audio frames in. The cancel's
+        answer must come, say exactly how much audio was sent, and end that audio; the
+        session then serves the next utterance."""
+        name = f"barge-{index}"
+        texts = Texts(random.Random(self.s.seed * 1000 + 700 + index), self.llm_kind)
+        sessions: dict[str, SpeechSocket | TextInSocket | None] = {"textin": None, "ws": None}
+        try:
+            for turn in itertools.count():
+                if not self.running():
+                    break
+                socket = ("textin", "ws")[turn % 2]
+                text = texts.text(sentences=(2, 4), words=(5, 9))
+                request = self.rec.start(name, "barge", "normal", **texts.expectations(text))
+                ws = sessions[socket]
+                if ws is None:
+                    connect = self.text_in_connect if socket == "textin" else self.ws_connect
+                    ws = sessions[socket] = await connect(request)
+                    if ws is None:
+                        await asyncio.sleep(0.2)
+                        continue
+                usable = await self.bounded(
+                    request, self._barge_once(ws, request, text, texts), waiting_for="answer"
+                )
+                if not usable:
+                    await ws.close()
+                    sessions[socket] = None
+                await asyncio.sleep(texts.rng.uniform(0, 0.1) + (0.5 if request.reason else 0))
+        finally:
+            for ws in sessions.values():
+                if ws is not None:
+                    await ws.close()
+
+    async def _barge_once(
+        self, ws: SpeechSocket | TextInSocket, request: Request, text: str, texts: Texts
+    ) -> bool:
+        """One utterance, cancelled after 1-6 audio frames (unless it ends first)."""
+        cut_after = texts.rng.randint(1, 6)
+        segment_id = f"b{next(self.segment_ids)}"
+        if isinstance(ws, TextInSocket):
+            await ws.configure(response_format="pcm", stream_audio=True, **texts.voice_fields())
+            await ws.write(text)
+            await ws.done()
+            ends, answers = ("session.done",), "audio.cancelled"
+        else:
+            await ws.send({"input": text, "segment_id": segment_id, **texts.voice_fields()})
+            ends, answers = ("end", "error"), "cancelled"
+        frames = 0
+        cancel_sent_at: float | None = None
+        ended: tuple[str, str] | None = None  # the verdict of an utterance that ran out
+        error_code = None
+        try:
+            while True:
+                data = await ws.receive()
+                if isinstance(data, bytes):
+                    request.audio(len(data))
+                    frames += 1
+                    if frames == cut_after and cancel_sent_at is None and ended is None:
+                        cancel_sent_at = time.monotonic()
+                        if isinstance(ws, TextInSocket):
+                            await ws.cancel()
+                        else:
+                            await ws.cancel(segment_id)
+                    continue
+                kind = data.get("type")
+                if kind == "error":
+                    error_code = error_code or data.get("code")
+                if kind in ends:
+                    if error_code is not None:
+                        request.error_code = error_code
+                        ended = (ERROR, f"barge error frame: {error_code}")
+                    else:
+                        samples = data.get("samples") if kind == "end" else None
+                        ended = audio_verdict(request, samples)
+                    if cancel_sent_at is None:
+                        request.end(*ended)
+                        return True
+                elif kind == answers:
+                    assert cancel_sent_at is not None, data
+                    return self._cancel_verdict(request, data, cancel_sent_at, ended)
+        except StreamBroken as err:
+            request.end(ERROR, f"barge: connection ended ({err.close_code})")
+            return False
+
+    def _cancel_verdict(
+        self,
+        request: Request,
+        answer: dict[str, Any],
+        sent_at: float,
+        ended: tuple[str, str] | None,
+    ) -> bool:
+        took = time.monotonic() - sent_at
+        if took > CANCEL_ANSWER_BOUND_S:
+            self.rec.anomaly(f"{request.client}: a cancel answered after {took:.2f} s")
+        stopped = answer.get("utterance_index") is not None or answer.get("status") == "cancelled"
+        if not stopped:  # it had ended first: the answer says nothing changed
+            if ended is None:
+                request.end(LOST, f"cancel answered as a no-op before the end: {answer}")
+            else:
+                request.end(*ended)
+            return True
+        sent = round(float(answer.get("audio_seconds", -1)) * SAMPLE_RATE) * 2
+        if sent != request.received:
+            request.end(LOST, f"cancel says {sent} bytes were sent, {request.received} came")
+        else:
+            request.end(CANCELLED, f"answered in {took * 1000:.0f} ms")
+        return True
 
     async def voice_library_client(self, index: int) -> None:
         """Clones voices while the others speak: upload a clip, speak in the new voice

@@ -10,7 +10,16 @@ from typing import Any
 
 from report import table  # benchmarks/report.py: the scripts' shared table printer
 
-from .clients import ABANDONED, COMPLETED, ERROR, LOST, OUTCOMES, SAMPLE_RATE, Recorder
+from .clients import (
+    ABANDONED,
+    CANCELLED,
+    COMPLETED,
+    ERROR,
+    LOST,
+    OUTCOMES,
+    SAMPLE_RATE,
+    Recorder,
+)
 
 
 @dataclass
@@ -182,6 +191,7 @@ def print_report(report: dict[str, Any]) -> None:
             ["completed with audio", out[COMPLETED]],
             ["ended with an explicit error", out[ERROR]],
             ["abandoned by fault clients", out[ABANDONED]],
+            ["cancelled by the barging client (answered, audio accounted)", out[CANCELLED]],
             ["LOST", out[LOST]],
             ["gateway stream slots held after the run", report["slots_held_after"]],
             ["upstream requests running after the run", report["upstream_running_after"]],
@@ -230,6 +240,12 @@ def print_report(report: dict[str, Any]) -> None:
         [list(kv) for kv in report["explicit_errors_by_reason"].items()],
     )
     table("LLM", ["LLM", "value"], [list(kv) for kv in report["llm_stats"].items()])
+    overload = report.get("overload") or {}
+    table(
+        "Overload phase (admission on, twice the capacity offered)",
+        ["", "value"],
+        [[k.replace("_", " "), v] for k, v in overload.items()],
+    )
     if report["lost_requests"]:
         print("\nLost requests:")
         for r in report["lost_requests"]:

@@ -34,6 +34,7 @@ from .faults import (
     Faults,
 )
 from .llm import LLM, StandinLLM, VllmLLM
+from .overload import OverloadPlan, run_overload
 from .report import Observations, build_report
 
 
@@ -180,6 +181,7 @@ class Run(Faults):
         clients += [self.voice_library_client(i) for i in range(library_count)]
         clients += [self.ws_client(i) for i in range(ws_count)]
         clients += [self.http_client(i) for i in range(http_count)]
+        clients.append(self.barging_client(0))  # one more: a voice agent talked over
         watcher = asyncio.create_task(self.watch_upstream())
         try:
             await asyncio.gather(self.run_faults(started), *clients)
@@ -324,9 +326,42 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 upstream_kept_s=load.upstream_kept_s,
                 slow_client_cut_s=load.slow_client_cut_s,
             )
-            return build_report(load.rec, seen)
+            report = build_report(load.rec, seen)
+        report["overload"] = overload_phase(args, llm, log_dir, env)
+        failures = report["failures"]
+        overload = report["overload"]
+        if overload.get("lost"):
+            failures.append(f"{overload['lost']} requests lost in the overload phase")
+        if overload.get("admitted_with_underrun") and not args.overload_allow_underruns:
+            failures.append(
+                f"{overload['admitted_with_underrun']} admitted streams underran in the "
+                "overload phase"
+            )
+        report["ok"] = not failures
+        return report
     finally:
         llm.stop(graceful=False)
+
+
+def overload_phase(
+    args: argparse.Namespace, llm: LLM, log_dir: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """Twice the capacity offered to a gateway with admission on (the stand-in only:
+    it has a token ceiling to share; the real vLLM's would have to be measured)."""
+    if args.overload_factor <= 0:
+        return {"skipped": "--overload-factor 0"}
+    if not isinstance(llm, StandinLLM):
+        return {"skipped": "the real vLLM has no ceiling to set; see bench_gateway.py ramp"}
+    if llm.running_requests() is None:  # a restart left it down: bring it back
+        llm.start()
+    plan = OverloadPlan(load_factor=args.overload_factor)
+    print(
+        f"overload phase: {plan.offered} streams offered over {plan.arrival_s:g} s to a "
+        f"gateway with admission on, LLM ceiling {plan.ceiling_tokens_per_s:g} tokens/s "
+        f"({plan.ideal_streams:g} real-time streams) ...",
+        flush=True,
+    )
+    return run_overload(llm, log_dir, env, plan)
 
 
 def _kind_order(kind: str) -> int:

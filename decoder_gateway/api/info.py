@@ -46,6 +46,7 @@ async def health(request: Request) -> JSONResponse:
                 "llm_saturated": estimate.llm_saturated,
                 "decoder_tokens_per_s": _rounded(estimate.decoder_tokens_per_s),
                 "decoder_busy": round(estimate.decoder_busy, 2),
+                "lower_bound": estimate.lower_bound,
                 "active_streams": slots.active,
                 "queued": slots.queued,
             },
@@ -103,7 +104,8 @@ async def server_info(request: Request) -> dict:
             "POST /v1/audio/speech/stream": "JSON {text, voice, speaker_id, temperature, "
             "max_tokens} -> streamed audio/pcm",
             "WS /v1/audio/speech/stream/ws": "JSON {input, voice, speaker_id, temperature, "
-            "segment_id, continue} -> start, binary PCM frames, end",
+            "segment_id, continue} -> start, binary PCM frames, end; "
+            "{type: cancel, segment_id} -> cancelled",
             "GET /v1/voices": "the voices (packaged and cloned)",
             "POST /v1/audio/voices": "multipart {audio_sample, name, ...} -> a cloned voice",
             "GET /v1/audio/voices/{name}": "one cloned voice; DELETE removes it",

@@ -34,11 +34,13 @@ class OpenAISpeechRequest(BaseModel):
     instructions: str | None = Field(
         None, description="Accepted and ignored: Spark-TTS takes no style instructions."
     )
-    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm", "mulaw", "alaw"] = Field(
         "mp3",
         description="mp3 (audio/mpeg), opus (Ogg, audio/ogg), aac (ADTS, audio/aac), flac, "
         "wav (PCM16; RIFF and data sizes 0xFFFFFFFF, as the length is unknown while "
-        "streaming) or pcm (raw PCM16 LE, no header). All stream as they are generated.",
+        "streaming), pcm (raw PCM16 LE, no header), or G.711 for telephony: mulaw "
+        "(audio/basic) and alaw (audio/x-alaw-basic), one byte per sample, no header, "
+        "8 kHz by default. All stream as they are generated.",
     )
     speed: float = Field(
         1.0, ge=0.25, le=4.0, description="Tempo factor; pitch is kept. 1.0 leaves audio as is."
@@ -53,7 +55,7 @@ class OpenAISpeechRequest(BaseModel):
         gt=0,
         description="Output sample rate (extension): 8000, 11025, 12000, 16000, 22050, 24000, "
         "32000, 44100 or 48000 (opus: 8000, 12000, 16000, 24000, 48000). Default 24000, as "
-        "OpenAI's; 16000 is the model's own rate (no resampling).",
+        "OpenAI's (mulaw and alaw: 8000); 16000 is the model's own rate (no resampling).",
     )
     temperature: float = Field(
         0.7, ge=0.0, le=2.0, strict=True, description="Sampling temperature (extension)."

@@ -160,7 +160,7 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
 def _output(body: OpenAISpeechRequest) -> tuple[AudioFormat, int]:
     """The response's format and sample rate; InvalidRequest for a rate it lacks."""
     fmt = FORMATS[body.response_format]
-    rate = body.sample_rate or DEFAULT_SAMPLE_RATE
+    rate = body.sample_rate or fmt.default_rate or DEFAULT_SAMPLE_RATE
     if rate not in fmt.sample_rates:
         raise InvalidRequest(
             f"sample_rate {rate} is not available for {fmt.name}; use one of "

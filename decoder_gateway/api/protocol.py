@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StrictInt, StrictStr
 
+from decoder_gateway.audio.encoders import SAMPLE_RATES
+
 SAMPLE_RATE = 16000
 PCM_HEADERS = {"X-Sample-Rate": str(SAMPLE_RATE), "X-Bit-Depth": "16", "X-Channels": "1"}
 
@@ -25,10 +27,29 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def _offered_rate(rate: int) -> int:
+    if rate not in SAMPLE_RATES:
+        raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
+    return rate
+
+
 # Text of a request: valid Unicode. Ids and counts: JSON integers, never booleans
 # (pydantic would otherwise take `true` as 1) nor strings.
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 SegmentId = StrictStr | StrictInt
+# An output rate of the WebSockets' audio (those of /v1/audio/speech also depend on
+# the codec, checked there).
+SampleRate = Annotated[StrictInt, AfterValidator(_offered_rate)]
+SAMPLE_RATE_DOC = (
+    "Output sample rate: 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100 or 48000. "
+    "Default: 8000 for mulaw and alaw, else 16000 (the model's own rate, not resampled)."
+)
+SpokenUntil = Literal["sentence", "word"]
+SPOKEN_TEXT_DOC = (
+    "The text whose audio was sent: whole sentences, then the words of the sentence cut "
+    "off whose share of its characters lies within the share of its audio sent (an "
+    "estimate, once that sentence's length is known; else it stops at the last whole one)."
+)
 REF_AUDIO_DOC = (
     "A reference clip as a base64 data: URL (data:audio/wav;base64,...): speak in its voice, "
     "cloned for this request only (nothing is stored). `voice` then gives the speaker id."

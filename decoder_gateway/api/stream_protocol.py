@@ -2,7 +2,8 @@
 WebSockets (``/stream/ws``, one synthesis per message; ``/stream``, text streamed in).
 
 The text-in messages are vLLM-Omni's streaming-text WebSocket's, so clients written
-for it work unchanged.
+for it work unchanged; ``input.cancel`` / ``audio.cancelled`` (and ``cancel`` /
+``cancelled`` on the seed WebSocket) are ours, for barge-in.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from decoder_gateway.api.protocol import (
     DEFAULT_MAX_TOKENS_DOC,
     REF_AUDIO_DOC,
     SAMPLE_RATE,
+    SAMPLE_RATE_DOC,
+    SPOKEN_TEXT_DOC,
+    SampleRate,
     SegmentId,
+    SpokenUntil,
     Text,
 )
 
@@ -52,6 +57,34 @@ class WebSocketSpeechMessage(BaseModel):
     timestamps: bool = Field(
         False, strict=True, description="Add a `segment` frame after each segment's audio."
     )
+    response_format: Literal["pcm", "mulaw", "alaw"] = Field(
+        "pcm",
+        description="pcm: PCM16 LE; mulaw / alaw: G.711, one byte per sample, no header.",
+    )
+    sample_rate: SampleRate | None = Field(None, description=SAMPLE_RATE_DOC)
+
+
+class CancelMessage(BaseModel):
+    """``{"type": "cancel", "segment_id": X}``: stop message X, in progress or waiting."""
+
+    type: Literal["cancel"]
+    segment_id: SegmentId
+
+
+class CancelledMessage(BaseModel):
+    """The answer to a ``cancel``: nothing of that message is sent after it.
+
+    ``status``: ``cancelled`` (it was in progress: stopped, upstream aborted),
+    ``dropped`` (it was waiting: nothing of it was sent), ``not_found`` (no message of
+    that id is in progress or waiting, e.g. it has ended: nothing changed).
+    """
+
+    type: Literal["cancelled"] = "cancelled"
+    segment_id: str | int
+    status: Literal["cancelled", "dropped", "not_found"]
+    audio_seconds: float = Field(description="Seconds of the message's audio sent")
+    spoken_text: str = Field(description=SPOKEN_TEXT_DOC)
+    spoken_until: SpokenUntil
 
 
 class StartMessage(BaseModel):
@@ -100,9 +133,12 @@ class SessionConfig(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=2.0, strict=True)
     max_tokens: StrictInt | None = Field(None, ge=1, description=DEFAULT_MAX_TOKENS_DOC)
     max_new_tokens: StrictInt | None = Field(None, ge=1, description="vLLM-Omni's max_tokens")
-    response_format: Literal["pcm", "wav"] = Field(
-        "wav", description="wav (vLLM-Omni's default): one complete WAV per sentence"
+    response_format: Literal["pcm", "wav", "mulaw", "alaw"] = Field(
+        "wav",
+        description="wav (vLLM-Omni's default): one complete WAV per sentence; pcm: PCM16 LE; "
+        "mulaw / alaw: G.711, one byte per sample, no header",
     )
+    sample_rate: SampleRate | None = Field(None, description=SAMPLE_RATE_DOC)
     stream_audio: bool = Field(
         False, strict=True, description="PCM chunks as they are decoded, not whole sentences"
     )
@@ -115,12 +151,18 @@ class InputText(BaseModel):
     text: Text
 
 
+class InputCancel(BaseModel):
+    """``{"type": "input.cancel"}``: stop speaking (a barge-in); the session stays."""
+
+    type: Literal["input.cancel"]
+
+
 class AudioStart(BaseModel):
     type: Literal["audio.start"] = "audio.start"
     utterance_index: int
     sentence_index: int
     sentence_text: str
-    format: Literal["pcm", "wav"]
+    format: Literal["pcm", "wav", "mulaw", "alaw"]
     sample_rate: int = SAMPLE_RATE
     start_s: float = Field(description="Where this sentence starts in the utterance's audio")
 
@@ -139,3 +181,18 @@ class SessionDone(BaseModel):
     type: Literal["session.done"] = "session.done"
     utterance_index: int
     total_sentences: int
+
+
+class AudioCancelled(BaseModel):
+    """The answer to ``input.cancel``, once every utterance it stopped has stopped:
+    nothing of them (no audio, no ``audio.done``, no ``session.done``) follows it."""
+
+    type: Literal["audio.cancelled"] = "audio.cancelled"
+    utterance_index: int | None = Field(
+        description="The first utterance stopped (the one playing); null: nothing was "
+        "playing or being written, the cancel changed nothing"
+    )
+    cancelled_utterances: int = Field(description="Utterances stopped: playing, waiting, written")
+    audio_seconds: float = Field(description="Seconds of the first one's audio sent")
+    spoken_text: str = Field(description=SPOKEN_TEXT_DOC)
+    spoken_until: SpokenUntil

@@ -42,7 +42,11 @@ class Connection:
             raise self.stalled
         async with self._lock:
             try:
-                await asyncio.wait_for(self.ws.send(message), self.send_timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
+                # cancellation that comes as the send completes, and a cancel (a
+                # barge-in) must stop its sender.
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.ws.send(message)
             except TimeoutError:
                 self.stalled = SlowClient(
                     f"the client took nothing for {self.send_timeout_s:g} s; connection cut off"

@@ -23,7 +23,9 @@ Formats (:data:`FORMATS`):
 * ``wav``: PCM16 with a 44-byte header whose RIFF and ``data`` sizes are
   0xFFFFFFFF ("unknown length", read to the end of the file by FFmpeg, libsndfile
   in most modes, browsers and Python's ``wave``);
-* ``pcm``: raw PCM16 little-endian, no header.
+* ``pcm``: raw PCM16 little-endian, no header;
+* ``mulaw`` and ``alaw``: G.711 (FFmpeg's ``pcm_mulaw`` and ``pcm_alaw``), one byte
+  per sample and no header, as telephony carries it; 8 kHz unless asked otherwise.
 
 Lengths: resampling turns ``n`` input samples into exactly
 ``round_half_up(n * sample_rate / input_rate)`` output samples (:func:`resampled_length`),
@@ -74,6 +76,9 @@ class AudioFormat:
     sample_format: str = "flt"  # frames handed to the encoder: flt, or s16 (as pcm/wav)
     codec_format: str | None = None  # the encoder's sample format
     muxer_options: Mapping[str, str] = field(default_factory=dict)
+    # The rate it is served at unless asked otherwise, for a format that has one of its
+    # own (G.711's 8 kHz); None: the endpoint's default.
+    default_rate: int | None = None
 
     @cached_property
     def sample_rates(self) -> tuple[int, ...]:
@@ -111,7 +116,27 @@ FORMATS: dict[str, AudioFormat] = {
     ),
     "wav": AudioFormat("wav", "audio/wav"),
     "pcm": AudioFormat("pcm", "audio/pcm"),
+    # G.711 from the same int16 samples as pcm: each byte is one sample's 8-bit code.
+    "mulaw": AudioFormat(
+        "mulaw",
+        "audio/basic",
+        "mulaw",
+        "pcm_mulaw",
+        sample_format="s16",
+        codec_format="s16",
+        default_rate=8000,
+    ),
+    "alaw": AudioFormat(
+        "alaw",
+        "audio/x-alaw-basic",
+        "alaw",
+        "pcm_alaw",
+        sample_format="s16",
+        codec_format="s16",
+        default_rate=8000,
+    ),
 }
+G711_FORMATS = ("mulaw", "alaw")
 
 
 def resampled_length(samples: int, input_rate: int, output_rate: int) -> int:

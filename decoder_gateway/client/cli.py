@@ -9,6 +9,7 @@ manage cloned voices.
     python -m decoder_gateway.client voices list
     python -m decoder_gateway.client "Habari yako?" --voice amina -o amina.wav
     python -m decoder_gateway.client voices rm amina
+    python -m decoder_gateway.client voices design --gender female --pitch high --save bright
 
 It streams over the WebSocket (``--ws``, the default) or ``POST /v1/audio/speech/stream``
 (``--http``), shows the audio received so far on stderr, and ends with the time to first
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import os
 import sys
 import time
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m decoder_gateway.client",
         description="Speak text with a running decoder gateway; save WAV or raw PCM16 "
         "(16 kHz mono, little-endian).",
-        epilog="Cloned voices: python -m decoder_gateway.client voices {add,list,rm} "
+        epilog="Voices: python -m decoder_gateway.client voices {add,list,rm,design} "
         "(--help for each). To speak the word 'voices' itself, write -- voices.",
     )
     parser.add_argument("text", nargs="?", help="the text to speak; - reads stdin")
@@ -254,7 +257,83 @@ def build_voices_parser() -> argparse.ArgumentParser:
         description="Delete a cloned voice (DELETE /v1/audio/voices/NAME).",
     )
     remove.add_argument("name", help="the cloned voice's id")
+
+    levels = ("very_low", "low", "moderate", "high", "very_high")
+    design = commands.add_parser(
+        "design",
+        parents=[shared],
+        help="design voices from style labels, write their previews, save one",
+        description="Design candidate voices from style labels (POST /v1/audio/voices/design; "
+        "the server needs VOICE_DESIGN=on and the base model), write each preview as "
+        "DIR/candidate-N.wav, and with --save keep one under a name.",
+    )
+    design.add_argument("--gender", required=True, choices=("female", "male"))
+    design.add_argument("--pitch", choices=levels, default="moderate")
+    design.add_argument("--speed", choices=levels, default="moderate")
+    design.add_argument("--text", help="the preview sentence (default: the server's)")
+    design.add_argument(
+        "--candidates", type=int, choices=range(1, 5), metavar="N", help="1 to 4 (default 3)"
+    )
+    design.add_argument("--seed", type=int, help="the same seed designs the same voices")
+    design.add_argument("--out", default=".", metavar="DIR", help="folder of the previews")
+    design.add_argument("--save", metavar="NAME", help="save a candidate as voice NAME")
+    design.add_argument(
+        "--pick", type=int, default=1, metavar="N", help="the candidate --save keeps (default 1)"
+    )
+    design.add_argument(
+        "--description", dest="speaker_description", metavar="TEXT", help="stored with --save"
+    )
     return parser
+
+
+def preview_wav(data_url: str) -> bytes:
+    """The WAV bytes of a candidate's ``data:audio/wav;base64,`` URL."""
+    header, _, payload = data_url.partition(",")
+    if not header.startswith("data:audio/wav") or not header.endswith(";base64"):
+        raise ClientError("unexpected reply from the server (a preview that is not WAV)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise ClientError("unexpected reply from the server (bad base64 preview)") from err
+
+
+async def run_design(client: GatewayClient, args: argparse.Namespace) -> None:
+    """``voices design``: the candidates' previews into ``args.out``; ``--save`` one."""
+    candidates = await client.design_voices(
+        args.gender,
+        args.pitch,
+        args.speed,
+        text=args.text,
+        candidates=args.candidates,
+        seed=args.seed,
+    )
+    paths = await asyncio.to_thread(write_previews, Path(args.out), candidates)
+    for number, (path, candidate) in enumerate(zip(paths, candidates, strict=True), start=1):
+        print(f"candidate {number}: {path} ({candidate.get('duration_s', 0):.1f} s)")
+    if args.save:
+        if not 1 <= args.pick <= len(candidates):
+            raise ClientError(f"--pick {args.pick}: there are {len(candidates)} candidates")
+        tokens = candidates[args.pick - 1]["global_tokens"]
+        voice = await client.save_voice(
+            args.save,
+            tokens,
+            gender=args.gender,
+            speaker_description=args.speaker_description
+            or f"designed: {args.gender}, pitch {args.pitch}, speed {args.speed}",
+        )
+        name = voice["id"]
+        print(f"saved candidate {args.pick} as voice {name}; speak with --voice {name}")
+
+
+def write_previews(folder: Path, candidates: list[dict]) -> list[Path]:
+    """Each candidate's preview as ``folder/candidate-N.wav``; the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, candidate in enumerate(candidates, start=1):
+        path = folder / f"candidate-{number}.wav"
+        path.write_bytes(preview_wav(candidate["audio"]))
+        paths.append(path)
+    return paths
 
 
 def voices_table(voices: list[dict]) -> str:
@@ -297,6 +376,8 @@ async def run_voices_command(client: GatewayClient, args: argparse.Namespace, cl
             print(f"added voice {voice['id']}{base}; speak with --voice {voice['id']}")
         elif args.command in ("list", "ls"):
             sys.stdout.write(voices_table(await client.list_voices()))
+        elif args.command == "design":
+            await run_design(client, args)
         else:
             await client.delete_voice(args.name)
             print(f"deleted voice {args.name}")
@@ -322,6 +403,9 @@ def voices_main(argv: list[str]) -> int:
         return 1
     except (KeyError, TypeError) as err:
         print(f"error: unexpected reply from the server (no {err})", file=sys.stderr)
+        return 1
+    except OSError as err:  # design: the previews' folder cannot be written
+        print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -310,6 +310,40 @@ class GatewayClient:
         )
         return _field(reply, "voice")
 
+    async def save_voice(
+        self, name: str, global_tokens: list[int], **fields: str | None
+    ) -> dict[str, Any]:
+        """Save a voice given by its 32 global tokens (``POST /v1/audio/voices`` with
+        JSON): a designed candidate, or a voice made elsewhere. ``fields``: gender,
+        speaker_description, language, consent, base_voice; None ones are left out."""
+        body = {key: value for key, value in fields.items() if value is not None}
+        reply = await self._request_json(
+            "POST", VOICES_PATH, json={"name": name, "global_tokens": global_tokens, **body}
+        )
+        return _field(reply, "voice")
+
+    async def design_voices(
+        self,
+        gender: str,
+        pitch: str,
+        speed: str,
+        *,
+        text: str | None = None,
+        candidates: int | None = None,
+        seed: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Candidate voices for the style labels (``POST /v1/audio/voices/design``), each
+        ``{"global_tokens", "audio" (a WAV data URL), "duration_s"}``; the server must run
+        with VOICE_DESIGN=on (else 501)."""
+        options = {"text": text, "candidates": candidates, "seed": seed}
+        body = {key: value for key, value in options.items() if value is not None}
+        reply = await self._request_json(
+            "POST",
+            f"{VOICES_PATH}/design",
+            json={"gender": gender, "pitch": pitch, "speed": speed, **body},
+        )
+        return _field(reply, "candidates")
+
     async def delete_voice(self, name: str) -> dict[str, Any]:
         """Delete a cloned voice (``DELETE /v1/audio/voices/NAME``); the server's reply."""
         return await self._request_json("DELETE", f"{VOICES_PATH}/{quote(name, safe='')}")

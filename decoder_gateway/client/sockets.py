@@ -26,6 +26,13 @@ from decoder_gateway.client.errors import (
 
 SAMPLE_RATE = 16000  # PCM16 LE mono unless the start frame says otherwise
 SAMPLE_WIDTH = 2
+G711_FORMATS = ("mulaw", "alaw")  # one byte per sample
+
+
+def sample_width(response_format: str | None) -> int:
+    """Bytes per sample of a raw ``response_format`` (PCM16 when None)."""
+    return 1 if response_format in G711_FORMATS else SAMPLE_WIDTH
+
 
 Frame = dict[str, Any] | bytes  # a JSON frame, parsed, or a binary (audio) frame
 Message = Mapping[str, Any] | str | bytes
@@ -100,9 +107,10 @@ class Session:
 
 class SpeechSocket(Session):
     """``WS /v1/audio/speech/stream/ws``: one message per synthesis, answered by a
-    ``start`` frame, binary PCM frames, and ``end`` (or ``error`` at any point)."""
+    ``start`` frame, binary PCM frames, and ``end`` (or ``error`` at any point, or
+    ``cancelled`` after a :meth:`cancel`)."""
 
-    last_types = frozenset({"end", "error"})
+    last_types = frozenset({"end", "error", "cancelled"})
 
     def __init__(self, connection: ClientConnection, timeout_s: float | None = None) -> None:
         super().__init__(connection, timeout_s)
@@ -125,9 +133,10 @@ class SpeechSocket(Session):
         """Yield the PCM of ``text``; an error frame raises :class:`ServerError`.
 
         ``options``: the message's optional fields (voice, speaker_id, temperature,
-        max_tokens); None leaves the server's default. ``last``: the server closes the
-        session after this reply. The end frame's sample count is checked, so a reply
-        that lost audio on the way fails instead of ending short.
+        max_tokens, response_format, sample_rate); None leaves the server's default.
+        ``last``: the server closes the session after this reply. The end frame's sample
+        count is checked, so a reply that lost audio on the way fails instead of ending
+        short. A :meth:`cancel` of it (from another task) ends it early, quietly.
         """
         message = {
             "input": text,
@@ -135,10 +144,11 @@ class SpeechSocket(Session):
             "segment_id": segment_id,
             "continue": not last,
         }
+        width = sample_width(options.get("response_format"))
         samples = 0
         async for frame in self.frames(message):
             if isinstance(frame, bytes):
-                samples += len(frame) // SAMPLE_WIDTH
+                samples += len(frame) // width
                 yield frame
                 continue
             kind = frame.get("type")
@@ -156,12 +166,20 @@ class SpeechSocket(Session):
                     f"received {samples} samples, the server says it sent {frame.get('samples')}"
                 )
 
+    async def cancel(self, segment_id: int | str) -> None:
+        """Stop message ``segment_id`` (a barge-in), being spoken or waiting. The server
+        answers ``{"type": "cancelled", "segment_id", "status", "audio_seconds",
+        "spoken_text", "spoken_until"}``, after which nothing of it comes; the session
+        stays open."""
+        await self.send({"type": "cancel", "segment_id": segment_id})
+
 
 class TextInSocket(Session):
     """``WS /v1/audio/speech/stream``, text streamed in: a ``session.config``, text in
-    fragments, ``input.done``; answered by audio frames and events until ``session.done``."""
+    fragments, ``input.done``; answered by audio frames and events until ``session.done``
+    (or ``audio.cancelled``, after a :meth:`cancel`)."""
 
-    last_types = frozenset({"session.done"})
+    last_types = frozenset({"session.done", "audio.cancelled"})
 
     async def configure(self, **config: Any) -> None:
         """``session.config`` with ``config`` (voice, response_format, stream_audio, ...)."""
@@ -174,6 +192,13 @@ class TextInSocket(Session):
     async def done(self) -> None:
         """The text is complete: the gateway speaks the rest and ends the session."""
         await self.send({"type": "input.done"})
+
+    async def cancel(self) -> None:
+        """Stop speaking at once (a barge-in): every utterance playing, waiting or being
+        written. The server answers ``{"type": "audio.cancelled", "utterance_index",
+        "cancelled_utterances", "audio_seconds", "spoken_text", "spoken_until"}``, after
+        which nothing of them comes; the next text starts the next utterance."""
+        await self.send({"type": "input.cancel"})
 
 
 S = TypeVar("S", bound=Session)

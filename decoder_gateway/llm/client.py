@@ -162,9 +162,18 @@ class LLMClient:
         return self.token_map
 
     async def stream_tokens(
-        self, prompt: str, sampling: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str,
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        priority: int | None = None,
+        seed: int | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Yield the BiCodec tokens of one completion as they arrive.
+
+        ``priority``: vLLM's request priority (lower: sooner), only for a vLLM started
+        with ``--scheduling-policy priority`` (any other refuses it); None: not sent.
+        ``seed``: the sampling seed (the same seed and prompt sample alike); None: not sent.
 
         Raises UpstreamUnavailable (cannot connect), UpstreamError (vLLM error, in
         band or by status, or a stream that breaks off).
@@ -183,6 +192,8 @@ class LLMClient:
         }
         if request_id:
             extra_body["request_id"] = request_id
+        if priority is not None:
+            extra_body["priority"] = priority
         try:
             stream = await self.client.completions.create(
                 model=self.model,
@@ -192,6 +203,7 @@ class LLMClient:
                 max_tokens=sampling.max_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                seed=seed if seed is not None else openai.omit,
                 extra_body=extra_body,
             )
         except (openai.APIConnectionError, openai.APITimeoutError) as err:

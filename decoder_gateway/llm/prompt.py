@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from decoder_gateway.voices.catalog import Voice
+from decoder_gateway.voices.catalog import Voice, check_global_tokens
+
+Gender = Literal["female", "male"]
+Level = Literal["very_low", "low", "moderate", "high", "very_high"]
+# A label's index is the N of its token: <|gender_N|> (ids 165032 + N), <|pitch_label_N|>
+# (164965 + N), <|speed_label_N|> (164986 + N), as in PROTOCOL.md.
+GENDERS: tuple[Gender, ...] = get_args(Gender)
+LEVELS: tuple[Level, ...] = get_args(Level)
 
 
 @dataclass(frozen=True)
@@ -58,4 +66,39 @@ def speaker_prompt(voice: Voice, text: str, global_tokens: list[int] | None = No
         return prompt
     return (
         prompt + "".join(map(global_token, pinned)) + "<|end_global_token|><|start_semantic_token|>"
+    )
+
+
+@dataclass(frozen=True)
+class VoiceStyle:
+    """The base model's style labels: what a designed voice is asked to sound like."""
+
+    gender: Gender
+    pitch: Level
+    speed: Level
+
+    def label_tokens(self) -> str:
+        return (
+            f"<|gender_{GENDERS.index(self.gender)}|>"
+            f"<|pitch_label_{LEVELS.index(self.pitch)}|>"
+            f"<|speed_label_{LEVELS.index(self.speed)}|>"
+        )
+
+
+def controllable_prompt(text: str, style: VoiceStyle) -> str:
+    """The base model's voice-design prompt: it writes a voice's 32 global tokens for
+    the labels (after attribute tokens of its own), then the semantic tokens of ``text``."""
+    return (
+        f"<|task_controllable_tts|><|start_content|>{text}<|end_content|>"
+        f"<|start_style_label|>{style.label_tokens()}<|end_style_label|>"
+    )
+
+
+def base_prompt(text: str, global_tokens: list[int]) -> str:
+    """The base model's plain prompt in a given voice: no speaker id before the text
+    (the base model was trained without one), the model writes only semantics."""
+    tokens = "".join(map(global_token, check_global_tokens(global_tokens)))
+    return (
+        f"<|task_tts|><|start_content|>{text}<|end_content|>"
+        f"<|start_global_token|>{tokens}<|end_global_token|><|start_semantic_token|>"
     )

@@ -20,18 +20,26 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from decoder_gateway.errors import ClientGone, GatewayError, Overloaded, ShuttingDown, SlowClient
+from decoder_gateway.errors import (
+    CancelledByClient,
+    ClientGone,
+    GatewayError,
+    Overloaded,
+    ShuttingDown,
+    SlowClient,
+)
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving.capacity import CapacityModel, PlaybackClock
 
 logger = logging.getLogger(__name__)
 
-COMPLETED, ERROR, SLOW_CLIENT, DISCONNECTED, REJECTED = (
+COMPLETED, ERROR, SLOW_CLIENT, DISCONNECTED, REJECTED, CANCELLED = (
     "completed",
     "error",
     "slow_client",
     "client_disconnected",
     "rejected",
+    "cancelled",
 )
 
 
@@ -59,6 +67,9 @@ class StreamSlots:
     """
 
     POLL_S = 0.05  # how often a queued request looks at the capacity again
+    # While the estimate is only a lower bound, one stream past it is let in this
+    # often: long enough for the rates it changes to show in the measurements.
+    PROBE_INTERVAL_S = 0.5
 
     def __init__(self, policy: AdmissionPolicy, capacity: CapacityModel) -> None:
         self.policy = policy
@@ -66,6 +77,7 @@ class StreamSlots:
         self.draining = False  # set once at shutdown: nothing new starts
         self._streams: set[PlaybackClock] = set()
         self._queue: deque[object] = deque()
+        self._probed_at = -math.inf  # when a stream was last let in past the estimate
 
     @property
     def limit(self) -> int:
@@ -130,17 +142,31 @@ class StreamSlots:
             return False
         if not self.policy.by_capacity or active == 0:
             return True  # a lone stream is served as well as the host can
-        streams = self.capacity.estimate().streams
+        estimate = self.capacity.estimate()
+        streams = estimate.streams
         if streams is None:
             return active < self.policy.cold_streams
+        probe = False
         if active + 1 > streams:
-            return False
+            # Past a lower bound (an LLM that has not shown its limit), one probe at a
+            # time; past a measured limit, never.
+            now = time.monotonic()
+            if not estimate.lower_bound or now - self._probed_at < self.PROBE_INTERVAL_S:
+                return False
+            probe = True
         # The estimate may lag a change of the host: a stream that already runs short
         # of audio says so first.
-        return all(
+        healthy = all(
             stream.playing_for() < 1.0 or (stream.buffer_ahead() or 0.0) >= self.policy.margin_s
             for stream in self._streams
         )
+        if probe:
+            # A probe also waits for every stream to have started playing: one still
+            # waiting for its first audio (in vLLM's queue, say) proves nothing yet.
+            healthy = healthy and all(s.started_at is not None for s in self._streams)
+            if healthy:
+                self._probed_at = time.monotonic()
+        return healthy
 
     def _refusal(self) -> Overloaded:
         estimate = self.capacity.estimate().streams
@@ -157,6 +183,8 @@ def outcome_of(error: BaseException | None, completed: bool) -> str:
         return SLOW_CLIENT
     if isinstance(error, ClientGone):
         return DISCONNECTED
+    if isinstance(error, CancelledByClient):  # a barge-in: the connection stays
+        return CANCELLED
     if isinstance(error, Exception):  # typed or not: the transport sent an explicit error
         return ERROR
     # No error, or the transport's task was cancelled (GeneratorExit, CancelledError):

@@ -8,9 +8,9 @@ reads the streams themselves:
   the LLM has room, each segment gets its own peak rate and the total only says the
   capacity is at least that much; once segments get less than their peak, the LLM is
   shared out and the total *is* its capacity;
-* the decode worker's tokens per second while it is busy nearly all the time. Below
-  that it has room, and its tokens per busy second would understate it: small
-  batches cost more per token than the full ones it runs under load;
+* the decode worker's tokens per busy second. While it has room this is a lower
+  bound (small batches cost more per token than the full ones it runs under load);
+  once it is busy nearly all the time, it is what the decoder does;
 * per admitted stream, its playback clock: audio sent minus the time since its first
   audio, at 1x. A negative buffer is an underrun: the listener waits, and its clock
   waits with it.
@@ -19,6 +19,8 @@ The capacity in streams is the slower of the LLM and the decoder over the tokens
 second of audio (50), with headroom. Before anything is measured it is unknown, and
 admission takes a few streams on trust (a cold start); every token received then
 teaches the model, which grows with the load it sees until the LLM shows its limit.
+Until then the estimate is a lower bound, and admission probes past it one stream at
+a time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 SATURATED_SHARE = 0.8
 # A decode worker busy this share of the time is the limit: what it decodes is all it can.
 DECODER_BUSY_SHARE = 0.8
+# Below this share of busy time, tokens per busy second are too few to go by.
+DECODER_MEASURED_SHARE = 0.05
 # How fast an estimate seen once fades when nothing confirms it: an LLM shared with
 # other users, or a decoder given bigger batches, is not what it was a minute ago.
 ESTIMATE_HALF_LIFE_S = 60.0
@@ -130,9 +134,15 @@ class CapacityEstimate:
 
     llm_tokens_per_s: float | None  # what the LLM delivers in total, at least
     llm_saturated: bool  # segments get less than their peak rate: the LLM is the limit
-    decoder_tokens_per_s: float | None  # what the decode worker decodes when it is the limit
+    decoder_tokens_per_s: float | None  # what the decode worker decodes per busy second
     decoder_busy: float  # the share of the time the decode worker was busy, lately
     streams: float | None  # real-time streams the slower of the two keeps, with headroom
+
+    # ``streams`` says only what the host gave so far, not what it can give: every
+    # segment alone is fed faster than a stream needs, and the stage that bounds the
+    # estimate has not shown its limit (an LLM that shares nothing out, a decoder
+    # that is not busy nearly all the time). Admission may probe past it.
+    lower_bound: bool = False
 
 
 class CapacityModel:
@@ -184,8 +194,14 @@ class CapacityModel:
             meter.start(now - busy_s)  # the batch began that long ago
         self._decoded.add(tokens, now)
         self._decoder_busy.add(busy_s, now)
-        if self._decoder_busy.rate(now) >= DECODER_BUSY_SHARE:
-            self._decoder_capacity.set(self._decoded.rate(now), now)
+        busy = self._decoder_busy.rate(now)
+        if busy < DECODER_MEASURED_SHARE:
+            return
+        per_busy_s = self._decoded.rate(now) / min(1.0, busy)
+        if busy >= DECODER_BUSY_SHARE:
+            self._decoder_capacity.set(per_busy_s, now)  # at its limit: this is all it does
+        else:
+            self._decoder_capacity.observe(per_busy_s, now)  # at least this much
 
     # -- the estimate ---------------------------------------------------------------
     def estimate(self) -> CapacityEstimate:
@@ -198,7 +214,13 @@ class CapacityModel:
             streams = min(known) / (self.tokens_per_audio_s * (1 + self.headroom))
         busy = min(1.0, self._decoder_busy.rate(now))
         saturated = self._saturated(self._llm.rate(now), self._generating.average(now), now)
-        return CapacityEstimate(llm, saturated, decoder, busy, streams)
+        lower_bound = False
+        peak = self._peak_segment_rate.value(now)
+        if llm is not None and peak is not None:
+            if peak >= self.tokens_per_audio_s * (1 + self.headroom):
+                decoder_bounds = decoder is not None and decoder < llm
+                lower_bound = busy < DECODER_BUSY_SHARE if decoder_bounds else not saturated
+        return CapacityEstimate(llm, saturated, decoder, busy, streams, lower_bound)
 
     def _saturated(self, total: float, segments: float, now: float) -> bool:
         """Segments (``segments`` on average, ``total`` tokens/s in all) get less than

@@ -9,6 +9,7 @@ from decoder_gateway.codec import Decoder
 from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.llm.client import LLMClient
 from decoder_gateway.metrics import Metrics
+from decoder_gateway.serving.design import VoiceDesigner
 from decoder_gateway.serving.speech import SpeechService
 from decoder_gateway.settings import Settings
 from decoder_gateway.voices.service import VoiceService
@@ -25,3 +26,4 @@ class Gateway:
     worker: DecodeWorker
     speech: SpeechService
     metrics: Metrics
+    designer: VoiceDesigner

@@ -1,8 +1,12 @@
 """Segments generated ahead of playback, played strictly in order.
 
-``segment_lookahead`` segments are in flight at once (vLLM batches them): while
-segment i plays, segment i+1 is already being written and decoded, so a long text
-finishes far sooner than sentence after sentence, with no gap between them. Each
+Up to ``segment_lookahead`` segments are in flight at once: while segment i plays,
+segment i+1 is already being written and decoded, so there is no gap between them.
+But the LLM writes one segment of a request at a time: segment i+1 starts once
+segment i has all its tokens. vLLM shares its throughput among the sequences it
+runs, so a second sequence of the same request would slow the first, the one the
+listener is waiting for, and every other stream's too; one at a time, a stream asks
+of the LLM no more than its own pace, which is what admission counts on. Each
 segment task fills a bounded queue (backpressure: a consumer that takes audio
 slowly slows its producers, it never makes them buffer without limit).
 
@@ -77,8 +81,9 @@ class SegmentSource:
 class SegmentScheduler:
     """The segments of one job: :meth:`events` in play order, :meth:`close` to stop.
 
-    A launcher task starts each segment as soon as its text is there and it is within
-    ``lookahead`` of the one playing; :meth:`events` plays them in order.
+    A launcher task starts each segment as soon as its text is there, the one before
+    has all its tokens, and it is within ``lookahead`` of the one playing;
+    :meth:`events` plays them in order.
     """
 
     def __init__(
@@ -140,9 +145,12 @@ class SegmentScheduler:
             self.state.voice_tokens.cancel()
 
     async def _launch(self) -> None:
-        """Start each segment once its text is there and it is close enough to playback."""
+        """Start each segment once its text is there, the LLM has written the one
+        before, and it is close enough to playback."""
         index = 0
         while (text := await self.source.get(index)) is not None:
+            if index:
+                await self.state.written(index - 1).wait()
             while index >= self._playing + self.lookahead:
                 self._advanced.clear()
                 await self._advanced.wait()
@@ -176,6 +184,8 @@ class SegmentScheduler:
             while not queue.empty():  # make room: the error goes before anything buffered
                 queue.get_nowait()
             queue.put_nowait(typed)
+        finally:
+            self.state.written(index).set()  # also when it failed before its LLM stream
 
     def _internal(self, index: int, err: Exception) -> InternalError:
         logger.error(

@@ -17,7 +17,7 @@ from decoder_gateway.codec import StreamingConfig, StreamingSession
 from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.errors import NoAudioGenerated, UpstreamError
 from decoder_gateway.llm.client import LLMClient, SamplingParams, prompt_token_bound
-from decoder_gateway.llm.prompt import speaker_prompt
+from decoder_gateway.llm.prompt import base_prompt, speaker_prompt
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving.capacity import CapacityModel
 from decoder_gateway.serving.events import Audio, SpeechEvent
@@ -26,6 +26,8 @@ from decoder_gateway.settings import Settings
 from decoder_gateway.voices.catalog import GLOBAL_TOKEN_COUNT, check_global_tokens
 
 Emit = Callable[[SpeechEvent], Awaitable[None]]
+PRIORITY_STEP_S = 0.1  # LLM_PRIORITY: a segment's priority counts its listener's buffer
+PRIORITY_STEPS = 600  # in these steps, up to a minute
 
 
 @dataclass
@@ -34,17 +36,28 @@ class RequestState:
 
     # Global tokens of the voice; pinned by segment 0 when the voice has none.
     voice_tokens: asyncio.Future[list[int]]
-    # Playback clock for decode priority: the listener started at the first audio and
-    # runs dry after `samples_decoded` samples (a lower bound for later segments).
+    # Playback clock, for decode priority and for hurrying a chunk: the listener
+    # started at the first audio and plays the segments' decoded samples in order.
     first_audio_at: float | None = None
-    samples_decoded: int = 0
+    samples_decoded: dict[int, int] = field(default_factory=dict)  # by segment
     sample_rate: int = field(default=16000)
+    # Each segment's length in samples, once its generation has ended (the decoder makes
+    # exactly hop_length samples per token): how far into a sentence a cancel came.
+    segment_samples: dict[int, int] = field(default_factory=dict)
+    # Set once a segment's LLM stream has ended (or failed): the next may start.
+    _written: dict[int, asyncio.Event] = field(default_factory=dict)
 
-    def playback_deadline(self) -> float:
-        """When this request's listener runs out of audio (now, before the first chunk)."""
+    def written(self, index: int) -> asyncio.Event:
+        """Set when segment ``index`` has all its tokens (or will get no more)."""
+        return self._written.setdefault(index, asyncio.Event())
+
+    def playback_deadline(self, index: int) -> float:
+        """When the listener runs out of the audio decoded up to segment ``index``'s
+        (now, before the first chunk): the deadline of that segment's next chunk."""
         if self.first_audio_at is None:
             return time.monotonic()
-        return self.first_audio_at + self.samples_decoded / self.sample_rate
+        samples = sum(n for segment, n in self.samples_decoded.items() if segment <= index)
+        return self.first_audio_at + samples / self.sample_rate
 
 
 class SegmentSynthesis:
@@ -70,6 +83,7 @@ class SegmentSynthesis:
             crossfade_samples=settings.stream_crossfade_samples,
             first_audio_budget_s=_seconds(settings.stream_first_audio_budget_ms),
         )
+        self.min_buffer_s = settings.stream_min_buffer_ms / 1000
 
     async def run(
         self, job: SpeechJob, index: int, text: str, state: RequestState, emit: Emit
@@ -77,7 +91,11 @@ class SegmentSynthesis:
         """Generate segment ``index`` (``text``) of ``job``, emitting its audio as decoded."""
         # Segments after the first wait for the voice that segment 0 pins.
         pinned = job.voice.global_tokens if index == 0 else await state.voice_tokens
-        prompt = speaker_prompt(job.voice, text, pinned)
+        if self.settings.voice_design and pinned is not None:
+            # The base model (VOICE_DESIGN) was trained without a speaker id before the text.
+            prompt = base_prompt(text, pinned)
+        else:
+            prompt = speaker_prompt(job.voice, text, pinned)
         sampling = SamplingParams(
             temperature=job.temperature,
             top_p=self.settings.top_p,
@@ -88,7 +106,12 @@ class SegmentSynthesis:
         session = None if pinned is None else self.worker.open_stream(pinned, self.streaming)
         written_globals: list[int] = []
         first_token_at = last_token_at = 0.0
-        tokens = self.llm.stream_tokens(prompt, sampling, request_id=f"{job.request_id}-{index}")
+        tokens = self.llm.stream_tokens(
+            prompt,
+            sampling,
+            request_id=f"{job.request_id}-{index}",
+            priority=self._priority(state, index),
+        )
         capacity = self.capacity
         capacity.segment_started()
         # aclosing: whatever ends this loop (cancel, our own error) closes the upstream
@@ -114,6 +137,7 @@ class SegmentSynthesis:
                         await self._decode_ready(session, index, state, emit)
         finally:
             capacity.segment_ended()
+            state.written(index).set()
         if session is None or session.num_tokens == 0:
             if written_globals:
                 _check_globals(written_globals)
@@ -124,22 +148,37 @@ class SegmentSynthesis:
             rate = (session.num_tokens - 1) / (last_token_at - first_token_at)
             self.metrics.llm_tokens_per_second.observe(rate)
         session.finish()
+        state.segment_samples[index] = session.num_tokens * session.hop
         await self._decode_ready(session, index, state, emit)
 
     async def _decode_ready(
         self, session: StreamingSession, index: int, state: RequestState, emit: Emit
     ) -> None:
-        chunks = session.plan()
+        deadline = state.playback_deadline(index)
+        # A listener about to run dry gets what the tokens so far can give (the
+        # schedule's look-ahead assumes an LLM faster than a busy one may be).
+        hurry = state.first_audio_at is not None and deadline - time.monotonic() < self.min_buffer_s
+        chunks = session.plan(hurry=hurry)
         if not chunks:
             return
-        audio = await self.worker.decode([c.span for c in chunks], state.playback_deadline())
+        audio = await self.worker.decode([c.span for c in chunks], deadline)
         for chunk, samples in zip(chunks, audio, strict=True):
             emitted = session.complete(chunk, samples)
             if state.first_audio_at is None:
                 state.first_audio_at = time.monotonic()
-            state.samples_decoded += emitted.shape[0]
+            decoded = state.samples_decoded
+            decoded[index] = decoded.get(index, 0) + emitted.shape[0]
             if emitted.shape[0]:
                 await emit(Audio(emitted, index))
+
+    def _priority(self, state: RequestState, index: int) -> int | None:
+        """vLLM's priority for segment ``index`` (lower: sooner), with LLM_PRIORITY: the
+        audio its listener has left before this segment is needed, in 100 ms steps (0
+        for a request's first segment, or one whose listener is already waiting)."""
+        if not self.settings.llm_priority:
+            return None
+        ahead = state.playback_deadline(index - 1) - time.monotonic() if index else 0.0
+        return max(0, min(PRIORITY_STEPS, int(ahead / PRIORITY_STEP_S)))
 
     def _max_tokens(self, job: SpeechJob, text: str, prompt: str, writes_globals: bool) -> int:
         """The request's max_tokens, capped by the length budget and vLLM's context.

@@ -207,6 +207,10 @@ class SpeechStream:
         """Samples handed to the transport so far."""
         return self.admission.samples
 
+    def segment_samples(self, index: int) -> int | None:
+        """Segment ``index``'s length in samples once its generation has ended, else None."""
+        return self._scheduler.state.segment_samples.get(index)
+
     def __aiter__(self) -> AsyncIterator[SpeechEvent]:
         return self
 

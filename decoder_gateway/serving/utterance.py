@@ -78,13 +78,13 @@ class Utterance:
         finally:
             self.source.close()
 
-    async def close(self) -> None:
-        """Stop the utterance (client gone, session closed, or its synthesis over):
-        abort its generation."""
+    async def close(self, cause: BaseException | None = None) -> None:
+        """Stop the utterance (client gone, session closed, cancelled, or its synthesis
+        over): abort its generation. ``cause``: why it stopped, when not by itself."""
         self.ended = not self.source.closed  # before input.done: text may still come
         self.source.close()
         if self.stream is not None:
-            await self.stream.aclose()
+            await self.stream.aclose(cause)
 
     async def _release(self, segments: list[str]) -> SpeechStream | None:
         opened, refused = None, None

@@ -26,7 +26,7 @@ from decoder_gateway.errors import (
 )
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.settings import Settings, SettingsConflict
-from decoder_gateway.voices.catalog import Voice, VoiceCatalog
+from decoder_gateway.voices.catalog import Voice, VoiceCatalog, check_global_tokens
 from decoder_gateway.voices.library import ClonedVoice, VoiceLibrary, check_name
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,39 @@ class VoiceService:
         kept = audio if self.settings.keep_voice_clips else None
         stored = await asyncio.to_thread(self.library.add, voice, kept, _extension(filename))
         logger.info("voice %s cloned (%.1f s clip, base %s)", name, clip.duration_s, base.id)
+        return stored
+
+    async def save(
+        self,
+        name: str,
+        global_tokens: list[int],
+        *,
+        base_voice: str | None = None,
+        consent: str | None = None,
+        language: str | None = None,
+        gender: str | None = None,
+        speaker_description: str | None = None,
+    ) -> ClonedVoice:
+        """Store a voice given by its 32 global tokens (a designed voice, or one made
+        elsewhere): no clip and no speaker encoder needed, so it works on every server."""
+        name = check_name(name, self.catalog.ids)
+        base = self._base_voice(base_voice)
+        try:
+            tokens = check_global_tokens(list(global_tokens))
+        except ValueError as err:
+            raise InvalidRequest(f"global_tokens: {err}", "global_tokens") from None
+        voice = ClonedVoice(
+            name=name,
+            global_tokens=tokens,
+            speaker_id=base.speaker_id,
+            base_voice=base.id,
+            consent=consent,
+            language=language,
+            gender=gender,
+            speaker_description=speaker_description,
+        )
+        stored = await asyncio.to_thread(self.library.add, voice)
+        logger.info("voice %s saved from its global tokens (base %s)", name, base.id)
         return stored
 
     async def cloned(self) -> list[ClonedVoice]:

@@ -15,6 +15,12 @@
 // (cloned: true for the clones); GET . says whether the server can clone (cloning).
 // #clone-status carries data-state (idle | recording | recorded | invalid | uploading |
 // added | deleting | deleted | error).
+//
+// Design panel: POST v1/audio/voices/design {gender, pitch, speed, candidates, text?}
+// gives candidates {global_tokens, audio (a WAV data URL)}, each auditioned in an
+// <audio>; POST v1/audio/voices with JSON {name, global_tokens, gender} keeps one.
+// #design-status carries data-state (idle | designing | designed | invalid | saving |
+// saved | error).
 "use strict";
 
 const SAMPLE_RATE = 16000; // what the gateway sends; AudioBuffers at this rate are resampled
@@ -791,6 +797,144 @@ ui.text.addEventListener("keydown", (event) => {
     ui.form.requestSubmit();
   }
 });
+// -- design panel: labels -> candidates -> a saved voice -------------------------------
+
+const designUi = {
+  form: document.getElementById("design-form"),
+  gender: document.getElementById("design-gender"),
+  pitch: document.getElementById("design-pitch"),
+  speed: document.getElementById("design-speed"),
+  count: document.getElementById("design-count"),
+  text: document.getElementById("design-text"),
+  design: document.getElementById("design"),
+  status: document.getElementById("design-status"),
+  error: document.getElementById("design-error"),
+  candidates: document.getElementById("design-candidates"),
+  saveForm: document.getElementById("design-save-form"),
+  pick: document.getElementById("design-pick"),
+  name: document.getElementById("design-name"),
+  save: document.getElementById("design-save"),
+};
+
+let designed = []; // the latest candidates: {global_tokens, audio, duration_s}
+let designedGender = null;
+
+function setDesignStatus(state, text) {
+  designUi.status.dataset.state = state;
+  designUi.status.textContent = text;
+}
+
+function showDesignError(title, message, code) {
+  fillError(designUi.error, title, message, code);
+}
+
+function showCandidates(candidates) {
+  designUi.candidates.replaceChildren(
+    ...candidates.map((candidate, index) => {
+      const item = document.createElement("li");
+      const label = document.createElement("span");
+      label.id = `design-candidate-${index + 1}`;
+      label.textContent = `Candidate ${index + 1} (${candidate.duration_s.toFixed(1)} s)`;
+      const audio = document.createElement("audio");
+      audio.controls = true;
+      audio.preload = "metadata";
+      audio.src = candidate.audio;
+      audio.setAttribute("aria-labelledby", label.id);
+      item.append(label, audio);
+      return item;
+    }),
+  );
+  designUi.pick.replaceChildren(
+    ...candidates.map((_, index) => new Option(`Candidate ${index + 1}`, String(index))),
+  );
+  designUi.saveForm.hidden = candidates.length === 0;
+}
+
+async function designVoices() {
+  designUi.error.hidden = true;
+  const body = {
+    gender: designUi.gender.value,
+    pitch: designUi.pitch.value,
+    speed: designUi.speed.value,
+    candidates: Number(designUi.count.value),
+  };
+  const text = designUi.text.value.trim();
+  if (text) body.text = text;
+  designUi.design.disabled = true;
+  setDesignStatus("designing", "Designing voices…");
+  try {
+    const response = await fetch(apiUrl("v1/audio/voices/design"), {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (!response.ok) {
+      const error = await errorOf(response);
+      showDesignError("The server did not design voices", error.message, error.code);
+      setDesignStatus("error", "No voices designed.");
+      return;
+    }
+    designed = (await response.json()).candidates;
+    designedGender = body.gender;
+    showCandidates(designed);
+    setDesignStatus("designed", `${designed.length} candidates: listen, then keep one.`);
+  } catch (error) {
+    showDesignError("Could not reach the server", error.message);
+    setDesignStatus("error", "No voices designed.");
+  } finally {
+    designUi.design.disabled = false;
+  }
+}
+
+async function saveDesigned() {
+  designUi.error.hidden = true;
+  const name = designUi.name.value.trim();
+  const candidate = designed[Number(designUi.pick.value)];
+  if (!VOICE_NAME.test(name)) {
+    showDesignError("The voice needs a valid name", "Use 1 to 64 letters, digits, _ or -.");
+    designUi.name.focus();
+    setDesignStatus("invalid", "Not saved.");
+    return;
+  }
+  designUi.save.disabled = true;
+  setDesignStatus("saving", `Saving “${name}”…`);
+  try {
+    const response = await fetch(apiUrl("v1/audio/voices"), {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({
+        name,
+        global_tokens: candidate.global_tokens,
+        gender: designedGender,
+      }),
+    });
+    if (!response.ok) {
+      const error = await errorOf(response);
+      showDesignError("The server did not save the voice", error.message, error.code);
+      setDesignStatus("error", "Not saved.");
+      return;
+    }
+    const { voice } = await response.json();
+    designUi.name.value = "";
+    await loadVoices(voice.id);
+    setDesignStatus("saved", `Saved the voice “${voice.id}”; it is selected in the voice picker.`);
+  } catch (error) {
+    showDesignError("Could not save the voice", error.message);
+    setDesignStatus("error", "Not saved.");
+  } finally {
+    designUi.save.disabled = false;
+  }
+}
+
+designUi.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  designVoices();
+});
+designUi.saveForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  saveDesigned();
+});
+
 wireVoicesPanel();
 setStatus("idle", "Loading voices…");
 loadVoices();

@@ -4,8 +4,12 @@ BiCodec is not causal: a sample depends on ``receptive_field`` tokens each side.
 past costs only compute, but look-ahead costs latency, so a session plans chunks on
 a schedule: a small first chunk with short look-ahead (or as much as arrives within
 a first-audio budget), then as much look-ahead as the LLM's lead over playback
-allows, up to the receptive field. An approximate chunk's tail is re-decoded by the
-next chunk and crossfaded in; the start and the end are exact, and the chunks add up
+allows, up to the receptive field. That schedule assumes an LLM ``assumed_speedup``
+times faster than playback; one that is slower (a busy server) would let the listener
+run dry while the look-ahead grows, so a session in a *hurry* (its listener close to
+the end of its audio) plans the next chunk from the tokens it has, with less
+look-ahead. An approximate chunk's tail is re-decoded by the next chunk and
+crossfaded in; the start and the end are exact, and the chunks add up
 to ``hop_length`` samples per token. Planning is apart from decoding so that a
 worker can batch the chunks of many sessions; each session's spans carry its
 :class:`~.stream_state.DecodeStream`, so settled samples are computed once.
@@ -108,6 +112,7 @@ class StreamingSession:
         self._first_push = 0  # how many came then
         self._last_at = 0.0  # when the latest tokens came
         self._planned_until = 0  # tokens whose audio is planned
+        self._window_end = 0  # where the last planned chunk's window ended
         self._final_planned = False  # the chunk that reaches the true end is planned
         self._pending: deque[PlannedChunk] = deque()
         self._held: Tensor | None = None  # last samples of the previous chunk, to blend
@@ -181,8 +186,15 @@ class StreamingSession:
         )
         return end, lookahead
 
-    def plan(self) -> list[PlannedChunk]:
-        """Chunks that the tokens so far allow; decode them, then :meth:`complete` in order."""
+    def plan(self, hurry: bool = False) -> list[PlannedChunk]:
+        """Chunks that the tokens so far allow; decode them, then :meth:`complete` in order.
+
+        ``hurry``: the listener is about to run out of audio. When the schedule allows
+        no chunk, one is planned anyway from the tokens there are (at least
+        ``min_chunk_tokens // 2`` new ones and ``first_lookahead_tokens`` of
+        look-ahead): approximate audio now rather than exact audio after a silence.
+        The schedule depends on token counts only as long as nobody hurries it.
+        """
         planned = []
         total = len(self._tokens)
         while not self._final_planned:
@@ -192,6 +204,9 @@ class StreamingSession:
                 if self._first_lookahead is None:
                     break  # another token still fits in the budget: wait for it
             end, lookahead = self.chunk_after(start)
+            # A window never ends before the last one did: the stream's settled state
+            # has gone that far (a shorter window would decode from scratch).
+            lookahead = max(lookahead, min(self.max_lookahead, self._window_end - end))
             if self._finished and end + lookahead >= total:
                 # The rest in one chunk, exact: its window ends at the true end. It has
                 # no new token (start == total) when the previous chunk, without
@@ -203,12 +218,31 @@ class StreamingSession:
                 end = window_end = total
             elif end + lookahead <= total:
                 window_end = end + lookahead
+            elif hurry and not planned and (hurried := self._hurried_chunk(start, total)):
+                end, window_end = hurried
             else:
                 break
             planned.append(self._make_chunk(start, end, window_end, self._final_planned))
-            self._planned_until = end
+            self._planned_until, self._window_end = end, window_end
         self._pending.extend(planned)
         return planned
+
+    def _hurried_chunk(self, start: int, total: int) -> tuple[int, int] | None:
+        """(end, window end) of a chunk from the tokens there are; None: too few.
+
+        The look-ahead is split as the schedule would (the new tokens past
+        ``min_chunk_tokens`` go to look-ahead), but never below the first chunk's. The
+        first chunk is never hurried (it comes after a few tokens anyway), and a chunk
+        is at least as long as the crossfade, so that the tail it holds back is its own.
+        """
+        cfg = self.config
+        low = min(cfg.first_lookahead_tokens, self.max_lookahead)
+        lookahead = max(low, min(self.max_lookahead, total - start - cfg.min_chunk_tokens))
+        end = min(start + cfg.max_chunk_tokens, total - lookahead)
+        shortest = max(1, cfg.min_chunk_tokens // 2, self._crossfade_tokens)
+        if start == 0 or end - start < shortest or end + lookahead < self._window_end:
+            return None
+        return end, end + lookahead
 
     def _timed_first_lookahead(self) -> int | None:
         """The first chunk's look-ahead, chosen by time; None: wait for more tokens.
