@@ -220,9 +220,13 @@ async def test_past_a_lower_bound_admission_probes_one_stream_at_a_time():
     with pytest.raises(Overloaded):
         await slots.acquire(streams[2])  # no probe while a stream waits for its first audio
     for stream in streams[:2]:
-        stream.sent(2.0)  # both play, with audio to spare
+        stream.sent(3.0)  # both play, with audio to spare...
+    with pytest.raises(Overloaded):
+        await slots.acquire(streams[2])  # ... but for less than a second: no proof yet
+    clock.now += 1.0
     await slots.acquire(streams[2])  # the third: a probe
-    streams[2].sent(2.0)
+    streams[2].sent(3.0)
+    clock.now += 1.0
     with pytest.raises(Overloaded):
         await slots.acquire(streams[3])  # the fourth: the probe just made must show first
     slots.policy = AdmissionPolicy(limit=8, queue_s=2.0, cold_streams=1, margin_s=0.3)

@@ -161,9 +161,14 @@ class StreamSlots:
             for stream in self._streams
         )
         if probe:
-            # A probe also waits for every stream to have started playing: one still
-            # waiting for its first audio (in vLLM's queue, say) proves nothing yet.
-            healthy = healthy and all(s.started_at is not None for s in self._streams)
+            # A probe asks more: every stream has played for a second and kept its
+            # margin. One in its first second, or still waiting for its first audio
+            # (in vLLM's queue, say), proves nothing yet.
+            healthy = all(
+                stream.playing_for() >= 1.0
+                and (stream.buffer_ahead() or 0.0) >= self.policy.margin_s
+                for stream in self._streams
+            )
             if healthy:
                 self._probed_at = time.monotonic()
         return healthy
