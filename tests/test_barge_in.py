@@ -433,11 +433,10 @@ def test_closing_an_http_response_aborts_upstream_at_once(gateway, llm):
         timeout=30,
     ) as response:
         assert response.status_code == 200
-        posted = time.monotonic()
-        assert next(response.iter_content(chunk_size=None))
-        got = time.monotonic()
-        stats = llm.stats()
-        assert stats["running"] == 1, (stats["endings"][-1]["at"] - posted, got - posted, stats["endings"][-1]["end"], gateway.log_tail()[-3000:])
+        # Kept: a chunk iterator that is dropped closes the connection (a cancel, early).
+        chunks = response.iter_content(chunk_size=None)
+        assert next(chunks)
+        assert llm.stats()["running"] == 1
         closed = time.monotonic()
     # The stand-in's record of the abort, on the same clock (one host).
     stats = llm.wait_for(lambda s: s["running"] == 0, 10)
