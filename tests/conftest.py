@@ -71,7 +71,11 @@ def gateway(
 ) -> Iterator[GatewayServer]:
     """The real gateway process (uvicorn on loopback) talking to the stand-in."""
     logs = tmp_path_factory.mktemp("gateway_logs")
-    with GatewayServer(standin_server.base_url, logs, MODEL_NAME=STANDIN_MODEL) as server:
+    # Never hurried (STREAM_MIN_BUFFER_MS=0): a hurried chunk depends on timing, and
+    # the tests of this gateway compare the audio of separate requests sample by sample.
+    with GatewayServer(
+        standin_server.base_url, logs, MODEL_NAME=STANDIN_MODEL, STREAM_MIN_BUFFER_MS="0"
+    ) as server:
         yield server
 
 

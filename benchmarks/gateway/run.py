@@ -118,9 +118,8 @@ def run(args: argparse.Namespace, sections: list[str], plan: GridPlan | None) ->
         vllm_plan = Plan([(1, 3), (4, 2), (16, 1)], compare_repeats=3)
     # The tiny vLLM's sentences are all the same length; two per paragraph keeps it short.
     vllm_texts = [" ".join(split_segments(p)[:2]) for p in PARAGRAPHS]
-    classic = [
-        name for name in sections if name not in (GRID_SECTION, RAMP_SECTION, CANCEL_SECTION)
-    ]
+    own_servers = (GRID_SECTION, RAMP_SECTION, RAMP_VLLM_SECTION, CANCEL_SECTION)
+    classic = [name for name in sections if name not in own_servers]
 
     with tempfile.TemporaryDirectory(prefix="bench_gateway_") as tmp:
         logs = args.log_dir or Path(tmp)

@@ -46,6 +46,10 @@ from .clients import (
 )
 from .llm import LLM
 
+# How long the audio of a stalled reader's request may take to fill the socket buffers
+# before a send blocks (then SLOW_CLIENT_TIMEOUT_S runs).
+STALL_FILL_S = 8.0
+
 CLIENT_FAULTS = (
     "http_disconnect",
     "ws_disconnect",
@@ -192,7 +196,9 @@ class Faults(Clients):
 
         The gateway puts a deadline (SLOW_CLIENT_TIMEOUT_S) on every send: it must end
         the request as ``slow_client`` (``/metrics``), which frees its slot, within
-        that time + 5 s. The stand-in faults are kept off the request (its text is
+        that time + STALL_FILL_S: a send blocks only once the socket buffers between
+        them are full, which takes audio, and audio takes time (a stream's sentences
+        are written one at a time). The stand-in faults are kept off the request (its text is
         marked, and no LLM restart runs meanwhile), so nothing else can end it.
         """
         kind = f"{transport}_stalled_reader"
@@ -210,7 +216,7 @@ class Faults(Clients):
             if sock is None:
                 return
             sent = time.monotonic()
-            limit_s = self.s.slow_client_timeout_s + 5.0
+            limit_s = self.s.slow_client_timeout_s + STALL_FILL_S
             count: int | None = before
             try:
                 while time.monotonic() - sent < limit_s:
@@ -229,7 +235,7 @@ class Faults(Clients):
                 request.end(ABANDONED, f"stalled reader, not cut within {limit_s:g} s")
                 self.rec.anomaly(
                     f"{name} ({kind}): the gateway did not end a stalled reader as slow_client "
-                    f"within SLOW_CLIENT_TIMEOUT_S + 5 s = {limit_s:g} s "
+                    f"within SLOW_CLIENT_TIMEOUT_S + {STALL_FILL_S:g} s = {limit_s:g} s "
                     f"(slow_client count {before} -> {count})"
                 )
             finally:
