@@ -28,7 +28,7 @@ injected on a seeded schedule (``benchmarks/load_fault/``):
   that one request), one that never reads (a huge request whose audio it never
   reads, for a long time, then gone), and a stalled reader (a tiny receive window,
   connection kept open), which the gateway must end as ``slow_client`` within
-  SLOW_CLIENT_TIMEOUT_S + 8 s (the audio that fills the socket buffers first takes time);
+  SLOW_CLIENT_TIMEOUT_S + 15 s (the audio that fills the socket buffers first takes time);
 * malformed and oversized messages (invalid JSON and binary WS frames, ~6 kB of
   nested brackets while a speech is in progress, an unknown voice, 2 MB and 192 kB
   WS text frames, HTTP bodies that are not JSON, over the text limit or over
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=3.0,
         help="the gateway's SLOW_CLIENT_TIMEOUT_S (below --llm-timeout); a stalled reader "
-        "must be cut within it + 8 s",
+        "must be cut within it + 15 s",
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-faults", action="store_true", help="load only, for a baseline")

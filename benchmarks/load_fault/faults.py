@@ -48,7 +48,7 @@ from .llm import LLM
 
 # How long the audio of a stalled reader's request may take to fill the socket buffers
 # before a send blocks (then SLOW_CLIENT_TIMEOUT_S runs).
-STALL_FILL_S = 8.0
+STALL_FILL_S = 15.0
 
 CLIENT_FAULTS = (
     "http_disconnect",
