@@ -515,7 +515,8 @@ one_off() {
 # last such line, the error's, is shown.
 expect_exit_naming() { # expect_exit_naming CHECK STATUS LOG WHAT
     local line
-    line="$(grep -v '^launch_vllm.sh: ' "$3" | grep -F -- "$4" | tail -n 1 | cut -c1-200 || true)"
+    # The launcher prints the command it runs, which names WHAT too: not an answer.
+    line="$(grep -v '^launch_vllm.sh: python3 ' "$3" | grep -F -- "$4" | tail -n 1 | cut -c1-200 || true)"
     if (($2 != 0 && $2 != 200 && $2 != 124)) && [[ -n "$line" ]]; then
         record PASS "$1" "exit $2: $line"
     elif (($2 == 200)); then
