@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,36 @@ def capacity_line(mode: str, url: str) -> str:
     )
 
 
+def run_levels(
+    gateway: GatewayServer,
+    plan: RampPlan,
+    label: str,
+    rows: list[list[object]],
+    settle: Callable[[float], None],
+) -> list[list[Offered]]:
+    """A warm-up stream, then each offered load of ``plan`` in turn (a row each in
+    ``rows``); ``settle(timeout_s)`` waits for the servers to be idle between them."""
+    try:
+        asyncio.run(offer_burst(gateway.url, plan, 1))  # warm-up
+        settle(30.0)
+        levels = []
+        for streams in plan.streams:
+            started = time.perf_counter()
+            results = asyncio.run(offer_burst(gateway.url, plan, streams))
+            print(
+                f"({label}, {streams} streams: {time.perf_counter() - started:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            levels.append(results)
+            rows.append(ramp_row(label, streams, results))
+            settle(60.0)
+        return levels
+    except Exception:
+        print(f"\nGateway log tail:\n{gateway.log_tail()}")
+        raise
+
+
 def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
     seconds = [
         sum(max(5, STANDIN_TOKENS_PER_WORD * len(s.split())) for s in split_segments(t))
@@ -238,26 +269,11 @@ def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
                 LOG_LEVEL="warning",
                 **env,
             ) as gateway:
-                try:
-                    asyncio.run(offer_burst(gateway.url, plan, 1))  # warm-up
-                    wait_idle(gateway, standin, 30.0)
-                    levels = []
-                    for streams in plan.streams:
-                        started = time.perf_counter()
-                        results = asyncio.run(offer_burst(gateway.url, plan, streams))
-                        print(
-                            f"({mode}, {streams} streams: {time.perf_counter() - started:.1f} s)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        levels.append(results)
-                        rows.append(ramp_row(mode, streams, results))
-                        wait_idle(gateway, standin, 60.0)
-                    verdicts.append(verdict(mode, plan, levels))
-                    verdicts.append(capacity_line(mode, gateway.url))
-                except Exception:
-                    print(f"\nGateway log tail:\n{gateway.log_tail()}")
-                    raise
+                levels = run_levels(
+                    gateway, plan, mode, rows, settle=lambda s: wait_idle(gateway, standin, s)
+                )
+                verdicts.append(verdict(mode, plan, levels))
+                verdicts.append(capacity_line(mode, gateway.url))
     table(
         f"Offered streams vs. admitted, refused and underrun "
         f"(ideal: {plan.ideal_streams:g} real-time streams)",

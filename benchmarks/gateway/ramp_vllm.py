@@ -13,7 +13,6 @@ in the stand-in ramp.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from collections.abc import Iterator
@@ -33,8 +32,7 @@ from gateway.ramp import (
     Offered,
     RampPlan,
     capacity_line,
-    offer_burst,
-    ramp_row,
+    run_levels,
 )
 
 RAMP_VLLM_SECTION = "ramp-vllm"
@@ -105,26 +103,13 @@ def run_ramp_vllm(plan: VllmRampPlan, logs: Path, env: dict[str, str]) -> None:
                     LOG_LEVEL="warning",
                     **env,
                 ) as gateway:
-                    try:
-                        asyncio.run(offer_burst(gateway.url, ramp, 1))  # warm-up
-                        levels: list[list[Offered]] = []
-                        for streams in plan.streams:
-                            started = time.perf_counter()
-                            results = asyncio.run(offer_burst(gateway.url, ramp, streams))
-                            print(
-                                f"({label}, {streams} streams: "
-                                f"{time.perf_counter() - started:.1f} s)",
-                                file=sys.stderr,
-                                flush=True,
-                            )
-                            levels.append(results)
-                            rows.append(ramp_row(label, streams, results))
-                            time.sleep(2.0)  # the last streams' upstream requests end
-                        measured.append(capacity_line(label, gateway.url))
-                        verdicts.append(_verdict(label, levels))
-                    except Exception:
-                        print(f"\nGateway log tail:\n{gateway.log_tail()}")
-                        raise
+                    # vLLM's stats are not read here: a short pause lets the last
+                    # streams' upstream requests end.
+                    levels = run_levels(
+                        gateway, ramp, label, rows, settle=lambda _: time.sleep(2.0)
+                    )
+                    measured.append(capacity_line(label, gateway.url))
+                    verdicts.append(_verdict(label, levels))
     table("Offered streams vs. admitted, refused and underrun (real vLLM CPU)", RAMP_HEADER, rows)
     print()
     print("\n".join(measured + verdicts))
