@@ -156,22 +156,22 @@ class StreamSlots:
             probe = True
         # The estimate may lag a change of the host: a stream that already runs short
         # of audio says so first.
-        healthy = all(
-            stream.playing_for() < 1.0 or (stream.buffer_ahead() or 0.0) >= self.policy.margin_s
-            for stream in self._streams
-        )
-        if probe:
-            # A probe asks more: every stream has played for a second and kept its
-            # margin. One in its first second, or still waiting for its first audio
-            # (in vLLM's queue, say), proves nothing yet.
-            healthy = all(
-                stream.playing_for() >= 1.0
-                and (stream.buffer_ahead() or 0.0) >= self.policy.margin_s
+        margin = self.policy.margin_s
+        if not probe:
+            return all(
+                stream.playing_for() < 1.0 or (stream.buffer_ahead() or 0.0) >= margin
                 for stream in self._streams
             )
-            if healthy:
-                self._probed_at = time.monotonic()
-        return healthy
+        # A probe asks more: every stream has played for a second and kept its margin.
+        # One in its first second, or still waiting for its first audio (in vLLM's
+        # queue, say), proves nothing yet.
+        proven = all(
+            stream.playing_for() >= 1.0 and (stream.buffer_ahead() or 0.0) >= margin
+            for stream in self._streams
+        )
+        if proven:
+            self._probed_at = time.monotonic()
+        return proven
 
     def _refusal(self) -> Overloaded:
         estimate = self.capacity.estimate().streams
