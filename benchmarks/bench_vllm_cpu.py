@@ -1,6 +1,7 @@
 """Spark-TTS LLM decode speed on vLLM's CPU build, at full size (random weights).
 
     python benchmarks/bench_vllm_cpu.py [--streams 1,2] [--tokens 200] [--eager]
+    python benchmarks/bench_vllm_cpu.py --only design [--model tiny] [--tokens 120]
 
 Builds a Qwen2 model of Spark-TTS-0.5B's shape (hidden 896, 24 layers, 14 heads,
 2 KV heads, intermediate 4864, vocabulary 166000, tied embeddings: 507 M
@@ -14,6 +15,20 @@ reads every weight once per step (shared by the streams of a batch), so a step
 cannot be faster than weight bytes / bandwidth.
 
 Real time for Spark-TTS is 50 semantic tokens/s per stream.
+
+``--only design``: what vLLM's structured outputs cost a voice design. The gateway's
+design generations (the controllable prompt, temperature 0.8) are sent without a
+constraint, with the gateway's design grammar over token ids
+(``DESIGN_STRUCTURED_OUTPUTS``, :mod:`decoder_gateway.llm.grammar`), and with a
+regex over the same shape's text, from 1 and 3 (a design's default candidates)
+concurrent clients. Each generation writes exactly ``--tokens`` tokens (``min_tokens``
+= ``max_tokens``), so the modes decode alike; the table gives the time to the first
+token, tokens/s per stream, and how many generations wrote a valid design (exactly
+32 global tokens by id, then speech), as the gateway reads it. The first constrained
+request also pays for the backend's start (its tokenizer index of the 166000-token
+vocabulary) and the grammar's compilation: that is timed apart. ``--model tiny``
+serves the tests' tiny model instead (a one-layer model: the constraint's cost per
+token is then the largest share it can be).
 """
 
 from __future__ import annotations
@@ -28,12 +43,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
 from report import table  # benchmarks/, the script's own folder
 from safetensors.torch import save_file
 
+from decoder_gateway.llm.grammar import DesignMarkers, design_grammar
+from decoder_gateway.llm.prompt import TokenMap, VoiceStyle, controllable_prompt
 from devtools import tiny_spark_lm as spark
 from devtools.vllm_server import VllmServer
 
@@ -212,6 +230,205 @@ async def measure(base_url: str, model: str, streams: int, tokens: int) -> dict[
     }
 
 
+# --- --only design: the cost of structured outputs ---------------------------------------
+
+DESIGN_TEXT = "Oli otya? Nsanyuse okukulaba leero."
+DESIGN_STYLE = VoiceStyle("female", "high", "moderate")
+DESIGN_MODES = ("off", "grammar", "regex")
+# The same shape as the grammar, over the text: what a regex can say. The tokenizer may
+# spell each marker in byte-level tokens as well as in its one added token.
+DESIGN_REGEX = (
+    r"(<\|start_acoustic_token\|>(<\|[a-z_]+_\d+\|>){0,8}<\|end_acoustic_token\|>)?"
+    r"<\|start_global_token\|>(<\|bicodec_global_\d+\|>){32}<\|end_global_token\|>"
+    r"<\|start_semantic_token\|>(<\|bicodec_semantic_\d+\|>)+"
+)
+
+
+def design_constraint(mode: str) -> dict[str, str] | None:
+    """The ``structured_outputs`` of a design generation in ``mode``."""
+    if mode == "grammar":
+        markers = DesignMarkers(
+            start_global=spark.START_GLOBAL_ID,
+            end_global=spark.END_GLOBAL_ID,
+            start_semantic=spark.START_SEMANTIC_ID,
+            start_acoustic=spark.START_ACOUSTIC_ID,
+            end_acoustic=spark.END_ACOUSTIC_ID,
+        )
+        return {"grammar": design_grammar(TokenMap(), markers)}
+    if mode == "regex":
+        return {"regex": DESIGN_REGEX}
+    return None
+
+
+async def design_stream(
+    client: httpx.AsyncClient, model: str, mode: str, tokens: int, seed: int
+) -> dict[str, float]:
+    """One design generation as the gateway sends it, of exactly ``tokens`` tokens."""
+    body: dict[str, object] = {
+        "model": model,
+        "prompt": controllable_prompt(DESIGN_TEXT, DESIGN_STYLE),
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0.8,
+        "top_k": 50,
+        "top_p": 0.95,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "stop_token_ids": [spark.END_SEMANTIC_ID, spark.IM_END_ID],
+        "skip_special_tokens": False,
+        "spaces_between_special_tokens": False,
+        "seed": seed,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    if (constraint := design_constraint(mode)) is not None:
+        body["structured_outputs"] = constraint
+    start = time.perf_counter()
+    first = last = None
+    ids: list[int] = []
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{mode}: HTTP {response.status_code}: {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            for choice in chunk.get("choices", []):
+                if delta := choice.get("token_ids") or []:
+                    now = time.perf_counter()
+                    first = now if first is None else first
+                    last = now
+                    ids += delta
+    if first is None or last is None or len(ids) < 2:
+        raise RuntimeError(f"{mode}: the stream gave {len(ids)} tokens")
+    globals_ = [i for i in ids if 0 <= i - spark.GLOBAL_BASE < spark.NUM_GLOBAL_VALUES]
+    semantic = [i for i in ids if 0 <= i - spark.SEMANTIC_BASE < spark.NUM_SEMANTIC_VALUES]
+    return {
+        "ttft": first - start,
+        "decode_rate": (len(ids) - 1) / (last - first),
+        "tokens": len(ids),
+        "valid": float(len(globals_) == 32 and bool(semantic)),
+        "end": last,
+    }
+
+
+async def design_round(
+    client: httpx.AsyncClient, model: str, mode: str, streams: int, tokens: int, seed: int
+) -> list[dict[str, float]]:
+    """``streams`` concurrent design generations in ``mode``."""
+    return await asyncio.gather(
+        *(design_stream(client, model, mode, tokens, seed + i) for i in range(streams))
+    )
+
+
+def design_row(mode: str, streams: int, results: list[dict[str, float]]) -> dict[str, Any]:
+    ttfts = sorted(r["ttft"] for r in results)
+    return {
+        "mode": mode,
+        "streams": streams,
+        "generations": len(results),
+        "ttft_p50": ttfts[len(ttfts) // 2],
+        "ttft_max": ttfts[-1],
+        "decode_rate": sum(r["decode_rate"] for r in results) / len(results),
+        "valid": int(sum(r["valid"] for r in results)),
+    }
+
+
+async def measure_design(
+    base_url: str, model: str, streams: list[int], rounds: int, tokens: int
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The first constrained generation of each mode (cold), then ``rounds`` rounds at
+    each concurrency, the modes taking turns within a round (a machine whose speed
+    drifts then drifts for all of them alike)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=600.0) as client:
+        # Warm-up without a constraint: the first request pays for compilation.
+        await design_round(client, model, "off", 1, 16, 0)
+        # The first constrained requests: the backend starts, the grammar compiles.
+        cold = {
+            mode: design_row(mode, 1, await design_round(client, model, mode, 1, tokens, 0))
+            for mode in DESIGN_MODES[1:]
+        }
+        rows = []
+        for n in streams:
+            results: dict[str, list[dict[str, float]]] = {mode: [] for mode in DESIGN_MODES}
+            for round_ in range(rounds):
+                for mode in DESIGN_MODES:
+                    seed = 1000 * (round_ + 1)
+                    results[mode] += await design_round(client, model, mode, n, tokens, seed)
+            rows += [design_row(mode, n, results[mode]) for mode in DESIGN_MODES]
+    return cold, rows
+
+
+def run_design(args: argparse.Namespace, streams: list[int]) -> None:
+    """``--only design``: design generations with and without structured outputs."""
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="spark-design-") as tmp:
+        if args.model == "tiny":
+            folder = spark.write_model(Path(tmp) / "model")
+            dtype_name, served = "float32", "spark-tiny"
+        else:
+            dtype_name = args.dtype
+            if dtype_name == "auto":
+                dtype_name = "bfloat16" if bf16_supported() else "float32"
+            dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+            folder = args.model_dir or Path(tmp) / "model"
+            if not (folder / "model.safetensors").exists():
+                write_full_size_model(folder, dtype)
+            served = "spark-full"
+        print(f"{platform.processor() or platform.machine()}, {cores} cores, {args.model} model")
+        extra = {
+            "DTYPE": dtype_name,
+            "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
+            "VLLM_CPU_OMP_THREADS_BIND": args.omp_bind,
+        }
+        if args.eager:
+            extra["EXTRA_VLLM_ARGS"] = "--enforce-eager"
+        server = VllmServer(
+            folder,
+            Path(tmp) / "vllm.log",
+            served_model_name=served,
+            max_model_len=1024,
+            extra_env=extra,
+            start_timeout_s=args.start_timeout,
+        )
+        try:
+            server.start()
+        except Exception as error:
+            print(f"vLLM did not start: {error}\n{server.log_tail(60)}", file=sys.stderr)
+            raise SystemExit(1) from error
+        try:
+            cold, rows = asyncio.run(
+                measure_design(server.url, served, streams, args.rounds, args.tokens)
+            )
+        finally:
+            server.stop()
+
+    off = {r["streams"]: r for r in rows if r["mode"] == "off"}
+    table(
+        f"Voice design on vLLM's CPU build ({args.model} model, {dtype_name}): "
+        f"{args.tokens} tokens per generation, {args.rounds} rounds per row",
+        ["structured outputs", "streams", "generations", "first token s (p50)",
+         "first token s (max)", "tokens/s per stream", "vs off", "valid designs"],
+        [
+            [r["mode"], r["streams"], r["generations"], r["ttft_p50"], r["ttft_max"],
+             r["decode_rate"], f"{r['decode_rate'] / off[r['streams']]['decode_rate']:.0%}",
+             f"{r['valid']}/{r['generations']}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    table(
+        "First constrained request of each kind (the grammar's: the backend's start too; "
+        "then its compilation)",
+        ["structured outputs", "first token s", "tokens/s", "valid design"],
+        [
+            [mode, r["ttft_p50"], r["decode_rate"], f"{r['valid']}/{r['generations']}"]
+            for mode, r in cold.items()
+        ],
+    )
+
+
 def memory_bandwidth_gbs(threads: int) -> float:
     """Read+write bandwidth of a large tensor copy with `threads` threads, GB/s."""
     torch.set_num_threads(threads)
@@ -227,8 +444,12 @@ def memory_bandwidth_gbs(threads: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", default="1,2", help="concurrent streams per run")
-    parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
+    parser.add_argument(
+        "--streams", help="concurrent streams per run (default 1,2; --only design: 1,3)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, help="tokens per stream (default 200; --only design: 120)"
+    )
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (no compile)")
     parser.add_argument("--kv-space-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE")
@@ -237,8 +458,21 @@ def main() -> None:
     )
     parser.add_argument("--model-dir", type=Path, help="reuse (or keep) the model here")
     parser.add_argument("--start-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--only", choices=["decode", "design"], default="decode", help="which measurement"
+    )
+    parser.add_argument(
+        "--model", choices=["full", "tiny"], default="full", help="--only design: the model"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--only design: rounds per row")
     args = parser.parse_args()
-    streams = [int(s) for s in args.streams.split(",")]
+    if args.only == "design":
+        # One stream, and a design's three candidates; a short preview's tokens.
+        args.tokens = args.tokens or 120
+        run_design(args, [int(s) for s in (args.streams or "1,3").split(",")])
+        return
+    args.tokens = args.tokens or 200
+    streams = [int(s) for s in (args.streams or "1,2").split(",")]
 
     dtype_name = args.dtype
     if dtype_name == "auto":

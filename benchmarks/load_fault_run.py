@@ -18,10 +18,13 @@ and outages are then off unless asked for, as each one costs another start).
 For ``--duration`` seconds, ``--clients`` clients (a quarter voice agents writing
 their text in fragments over the streaming-text WebSocket, one cloning voices
 (upload, speak in the voice, delete); of the rest, half on the WebSocket, half
-HTTP), and one more, a barging voice agent (each utterance, on the streaming-text and
-the seed WebSocket in turn, cancelled a few audio frames in), loop over requests with
-short random texts and voices (seeded), while fault clients and LLM faults are
-injected on a seeded schedule (``benchmarks/load_fault/``):
+HTTP), and two more, a barging voice agent (each utterance, on the streaming-text and
+the seed WebSocket in turn, cancelled a few audio frames in) and a voice designer
+(two candidates designed for random style labels, one saved as a voice, spoken in
+over HTTP, deleted: the gateway runs with ``VOICE_DESIGN=on``, so voices with tokens
+get the base model's prompt), loop over requests with short random texts and voices
+(seeded), while fault clients and LLM faults are injected on a seeded schedule
+(``benchmarks/load_fault/``):
 
 * a client that disconnects mid-stream (HTTP, WS: a close frame, or a dropped TCP
   connection), one that leaves before its first audio (while the stand-in stalls
@@ -53,7 +56,9 @@ connection), abandoned on purpose by a fault client, cancelled by the barging
 client (its answer came and says exactly how much audio was sent), or LOST: none of
 these (a hang past the per-request timeout, a stream that ended cleanly but short,
 an ``end`` whose sample count is not what was sent, a cancel's answer that does not
-match the audio received). During the run, upstream streams beyond
+match the audio received, a design answered 200 whose candidates are not 32 global
+tokens in 0..4095 each with a WAV preview of the asked-for length). During the run,
+upstream streams beyond
 what the live client requests account for (orphans: kept after their client went)
 are tracked from the LLM's running count. After the clients stop, the LLM must have
 no request left running and the gateway no stream slot held (``/metrics``), and the

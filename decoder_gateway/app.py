@@ -160,7 +160,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Id"],
-            expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-Sample-Rate",
+                "X-Bit-Depth",
+                "X-Channels",
+                "X-Voice-Global-Tokens",
+            ],
         )
         # CORS does not cover WebSockets: browsers connect from any page unless the
         # server checks the handshake's Origin itself.

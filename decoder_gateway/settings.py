@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # the controllable prompt. Off by default: only the base model SparkAudio/Spark-TTS-0.5B
     # was trained for it; the speaker fine-tunes were not and write no valid voice.
     voice_design: bool = False
+    # Design generations sent with vLLM structured outputs: a grammar over token ids
+    # (decoder_gateway/llm/grammar.py) lets the model write only the design's shape,
+    # exactly 32 global tokens among them. Needs vLLM 0.10.2 or later (0.32 measured:
+    # benchmarks/bench_vllm_cpu.py --only design); off: the model writes freely and a
+    # wrong count is retried once, then refused.
+    design_structured_outputs: bool = True
 
     # Sampling defaults (every field is sent explicitly; see PROTOCOL.md)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -98,9 +104,11 @@ class Settings(BaseSettings):
     # First chunk chosen by time: its look-ahead is what arrives this long after the
     # first token (at the measured rate); unset: the count above.
     stream_first_audio_budget_ms: float | None = Field(None, gt=0)
-    # A listener with less audio ahead than this gets its next chunk from the tokens
-    # there are, with less look-ahead, rather than a stall (0: never hurried).
+    # A listener with less audio ahead than the target gets its audio before look-ahead
+    # (chunks at 16 tokens of it); one with less than the minimum gets its next chunk
+    # from the tokens there are, rather than a stall. 0: the count schedule alone.
     stream_min_buffer_ms: float = Field(300.0, ge=0)
+    stream_target_buffer_ms: float = Field(1000.0, ge=0)
 
     # Limits
     max_text_chars: int = Field(5000, ge=1)
@@ -112,7 +120,7 @@ class Settings(BaseSettings):
     # listener; otherwise it waits up to ADMISSION_QUEUE_S, then gets 429.
     admission_control: bool = True
     admission_queue_s: float = Field(2.0, ge=0)
-    admission_headroom: float = Field(0.2, ge=0)
+    admission_headroom: float = Field(0.1, ge=0)
     admission_cold_streams: int = Field(4, ge=1)
     admission_margin_s: float = Field(0.3, ge=0)
     segment_lookahead: int = Field(2, ge=1, description="segments generated ahead of playback")

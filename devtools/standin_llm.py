@@ -28,6 +28,10 @@ What a completion holds is decided by the prompt (see :func:`expected_output_ids
   in ``<|task_tts|>`` prompts; values are a deterministic function of that text;
 * then ``<|end_semantic_token|>`` (165157), then ``<|im_end|>`` (151645, the EOS).
 
+A request's ``structured_outputs`` (the gateway's design grammar) is recorded with
+the request and otherwise ignored: what the stand-in writes fits that grammar anyway
+but for its attribute tokens, which the gateway's reader skips.
+
 Stopping follows vLLM's order: the EOS stops (``stop_reason`` null), a token in
 ``stop_token_ids`` stops (``stop_reason`` = its id), and the ``max_tokens``-th token
 ends with ``finish_reason`` "length". The stopping token's text is left out of the
@@ -111,6 +115,8 @@ NAMED_TOKENS: dict[str, int] = {
     "<|end_content|>": 165152,
     "<|start_style_label|>": 165147,
     "<|end_style_label|>": 165153,
+    "<|start_acoustic_token|>": 165149,
+    "<|end_acoustic_token|>": 165155,
     "<|start_global_token|>": START_GLOBAL,
     "<|end_global_token|>": END_GLOBAL,
     "<|start_semantic_token|>": START_SEMANTIC,

@@ -14,6 +14,15 @@ a fixed chain strongly predicts its successor:
 The logit margin of the intended successor is at least ``MIN_MARGIN`` so that
 sampling at the usual temperatures with top_k / top_p never deviates.
 
+Every other token (the controllable prompt's ``<|end_style_label|>`` among them) has
+no embedding, so what follows it is drawn uniformly: after the voice-design prompt
+the model writes noise, unless vLLM's structured outputs (the gateway's design
+grammar) confine it to the design's shape. It then writes the grammar's attribute
+tokens at random, and from ``<|start_global_token|>`` on the chain above: its
+designed voice is :func:`expected_global_values`. The tokenizer holds the tokens of
+that prompt and grammar (style labels, ``<|start_acoustic_token|>``, ...) at their
+upstream ids.
+
 Usage: ``python -m devtools.tiny_spark_lm OUT_DIR [--semantic-length N]``.
 """
 
@@ -44,10 +53,12 @@ TASK_TTS_ID = 165_137
 TASK_CONTROLLABLE_TTS_ID = 165_143
 START_CONTENT_ID = 165_146
 START_STYLE_LABEL_ID = 165_147
+START_ACOUSTIC_ID = 165_149
 START_GLOBAL_ID = 165_150
 START_SEMANTIC_ID = 165_151
 END_CONTENT_ID = 165_152
 END_STYLE_LABEL_ID = 165_153
+END_ACOUSTIC_ID = 165_155
 END_GLOBAL_ID = 165_156
 END_SEMANTIC_ID = 165_157
 
@@ -71,6 +82,8 @@ NAMED_TOKENS: dict[str, int] = {
     "<|end_content|>": END_CONTENT_ID,
     "<|start_style_label|>": START_STYLE_LABEL_ID,
     "<|end_style_label|>": END_STYLE_LABEL_ID,
+    "<|start_acoustic_token|>": START_ACOUSTIC_ID,
+    "<|end_acoustic_token|>": END_ACOUSTIC_ID,
     "<|start_global_token|>": START_GLOBAL_ID,
     "<|end_global_token|>": END_GLOBAL_ID,
     "<|start_semantic_token|>": START_SEMANTIC_ID,

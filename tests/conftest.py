@@ -71,10 +71,15 @@ def gateway(
 ) -> Iterator[GatewayServer]:
     """The real gateway process (uvicorn on loopback) talking to the stand-in."""
     logs = tmp_path_factory.mktemp("gateway_logs")
-    # Never hurried (STREAM_MIN_BUFFER_MS=0): a hurried chunk depends on timing, and
-    # the tests of this gateway compare the audio of separate requests sample by sample.
+    # The count schedule alone (no buffer thresholds): a chunk planned for a short buffer
+    # depends on timing, and the tests of this gateway compare the audio of separate
+    # requests sample by sample.
     with GatewayServer(
-        standin_server.base_url, logs, MODEL_NAME=STANDIN_MODEL, STREAM_MIN_BUFFER_MS="0"
+        standin_server.base_url,
+        logs,
+        MODEL_NAME=STANDIN_MODEL,
+        STREAM_MIN_BUFFER_MS="0",
+        STREAM_TARGET_BUFFER_MS="0",
     ) as server:
         yield server
 

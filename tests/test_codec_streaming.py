@@ -178,6 +178,42 @@ def test_zero_lookahead_stream_ends_with_its_held_tail(decoder, cases):
     assert (streamed - full).abs().max() <= 1e-5
 
 
+def test_a_short_buffer_gets_audio_before_look_ahead(decoder, cases):
+    """Below the target buffer the tokens past the last chunk go to audio at the quality
+    look-ahead; below the minimum, a chunk comes from whatever there is; at or above the
+    target, and with no listener yet, the schedule alone decides."""
+    voice = cases[0]["global"][0, 0]
+    config = StreamingConfig(min_buffer_s=0.3, target_buffer_s=1.0)
+    plans = {}
+    for buffer_s in (None, 1.0, 0.5, 0.1):
+        session = decoder.open_stream(voice, config)
+        session.push(list(range(14)))
+        first = session.plan()  # the first chunk: 10 tokens, 4 of look-ahead
+        assert [(c.span.offset + c.span.end) for c in first] == [10]
+        run_chunks(decoder, session, first)
+        session.push(list(range(14, 36)))  # 26 tokens past the first chunk
+        plans[buffer_s] = [c.span.offset + c.span.end for c in session.plan(buffer_s)]
+    # The schedule wants 10 + 4 + 2 * 10 = 34 tokens for a chunk to 20 (look-ahead 14).
+    assert plans[None] == plans[1.0] == [20]
+    # Short of the target: audio up to 36 - 16 = 20, then the next chunk waits.
+    assert plans[0.5] == [20]
+    # About to run dry: on from 20 with what is left, its look-ahead the tokens past
+    # 10 of them (16 - 10 = 6), so audio up to 30 rather than a wait for 10 more.
+    assert plans[0.1] == [20, 30]
+
+    session = decoder.open_stream(voice, config)
+    session.push(list(range(14)))
+    run_chunks(decoder, session, session.plan())
+    session.push(list(range(14, 60)))
+    # With 60 tokens: the schedule's chunk ends at 20 (at most 14 + 2 * 10 tokens
+    # foreseen); short of the target, audio goes up to 60 - 16 = 44.
+    assert [c.span.offset + c.span.end for c in session.plan(0.5)] == [44]
+    session.push(list(range(60, 68)))
+    assert session.plan(0.5) == []  # 8 new tokens: fewer than a chunk plus its look-ahead
+    # About to run dry: 24 tokens past 44, 14 of them look-ahead: audio up to 54.
+    assert [c.span.offset + c.span.end for c in session.plan(0.1)] == [54]
+
+
 def test_max_lookahead_zero_means_none(decoder, cases):
     config = StreamingConfig(first_lookahead_tokens=4, max_lookahead_tokens=0)
     session = decoder.open_stream(cases[0]["global"][0, 0], config)
@@ -294,6 +330,15 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
     the full decode's."""
     rng = random.Random(seed)
     config = random_config(rng)
+    hurry_rng = random.Random(-seed)  # apart, so that the other draws stay as they were
+    hurried = seed % 2 == 1
+    if hurried:
+        config = replace(
+            config,
+            min_buffer_s=0.3,
+            target_buffer_s=1.0,
+            buffering_lookahead_tokens=hurry_rng.choice([0, 4, 16, 30]),
+        )
     voice = [rng.randrange(4096) for _ in range(32)]
     session = decoder.open_stream(voice, config)
     if rng.random() < 0.5:
@@ -302,8 +347,6 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
         length = rng.choice(chunk_ends(session, 300))
     semantic = [rng.randrange(8192) for _ in range(length)]
     max_push = rng.choice([1, 3, 10, 40])
-    hurry_rng = random.Random(-seed)  # apart, so that the other draws stay as they were
-    hurried = seed % 2 == 1
 
     tracker = ExactnessTracker(session, length)
     out: list[torch.Tensor] = []
@@ -328,8 +371,12 @@ def test_any_stream_has_every_sample_and_an_exact_end(decoder, seed, fell_back):
         session.push(semantic[position : position + size])
         position += size
         if rng.random() < 0.8:
-            # Half the seeds also hurry some plans (a listener about to run dry).
-            waiting += session.plan(hurry=hurried and hurry_rng.random() < 0.4)
+            # Half the seeds also plan for a short buffer at times: a listener below
+            # the target, or about to run dry.
+            buffer_s = None
+            if hurried and hurry_rng.random() < 0.4:
+                buffer_s = hurry_rng.choice([0.0, 0.5, 2.0])
+            waiting += session.plan(buffer_s=buffer_s)
         if rng.random() < 0.7:
             decode_waiting()
     session.finish()

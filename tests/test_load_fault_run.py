@@ -75,10 +75,15 @@ def test_short_load_fault_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert outcomes["explicit_error"] > 0
     assert outcomes["abandoned"] > 0
     assert report["by_client"]["normal"]["completed"] > 0
-    # Every kind of normal client got audio: HTTP, WebSocket, streaming text in, and
-    # speech in voices cloned for it (uploaded, spoken, deleted).
-    for transport in ("http", "ws", "textin", "voices"):
+    # Every kind of normal client got audio: HTTP, WebSocket, streaming text in, speech
+    # in voices cloned for it (uploaded, spoken, deleted), and in voices designed for it
+    # (designed, saved, spoken, deleted).
+    for transport in ("http", "ws", "textin", "voices", "design"):
         assert report["normal_by_transport"][transport]["completed"] > 0, transport
+    # A design answered 200 held valid voices with previews (else it is LOST).
+    design = report["design_client"]
+    assert design["designs"] > 0 and design["candidates"] == 2 * design["designs"], design
+    assert design["saved"] > 0 and design["spoken"] > 0, design
     # The barging client cut utterances off on both sockets, each cancel answered with
     # exactly the audio it had received (anything else is LOST, or an anomaly).
     assert report["normal_by_transport"]["barge"]["cancelled"] > 0, report["normal_by_transport"]

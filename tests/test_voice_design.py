@@ -252,6 +252,52 @@ def test_a_wrong_count_twice_is_an_explicit_error_never_a_voice(design_gateway, 
     assert design(design_gateway, **STYLE, candidates=1).status_code == 200
 
 
+# -- structured outputs (DESIGN_STRUCTURED_OUTPUTS) ------------------------------------------
+
+# The design's shape over the upstream token ids (PROTOCOL.md): optional attribute values
+# between the acoustic markers, exactly 32 globals, then speech until a stop token.
+DESIGN_GRAMMAR = """\
+start: acoustic? <[165150]> voice{32} <[165156]> <[165151]> speech+
+acoustic: <[165149]> attribute{0,8} <[165155]>
+attribute: <[163953-165148]>
+voice: <[151665-155760]>
+speech: <[155761-163952]>
+"""
+
+
+def test_design_generations_carry_the_grammar_and_speech_does_not(design_gateway, llm):
+    response = design(design_gateway, **STYLE, candidates=2, seed=5)
+    assert response.status_code == 200, response.text
+    sent = design_requests(llm)
+    assert len(sent) == 2
+    assert [r["structured_outputs"] for r in sent] == [{"grammar": DESIGN_GRAMMAR}] * 2
+    tokens = response.json()["candidates"][0]["global_tokens"]
+    assert save(design_gateway, name="shaped", global_tokens=tokens).status_code == 201
+    spoken = requests.post(
+        f"{design_gateway.url}/v1/audio/speech/stream",
+        json={"text": "Oli otya?", "voice": "shaped"},
+        timeout=30,
+    )
+    assert spoken.status_code == 200 and spoken.content
+    assert "structured_outputs" not in llm.stats()["requests"][-1]
+
+
+def test_structured_outputs_off_sends_the_design_unconstrained(make_gateway, llm):
+    gateway = make_gateway(VOICE_DESIGN="on", DESIGN_STRUCTURED_OUTPUTS="off")
+    response = design(gateway, **STYLE, candidates=1, seed=5)
+    assert response.status_code == 200, response.text
+    sent = design_requests(llm)
+    assert len(sent) == 1 and "structured_outputs" not in sent[0]
+
+
+def test_a_vllm_that_refuses_the_grammar_is_a_502_naming_the_setting(design_gateway, llm):
+    llm.control(fail_before_stream=400, fault_match="task_controllable_tts")
+    response = design(design_gateway, **STYLE, candidates=1)
+    assert response.status_code == 502, response.text
+    message = response.json()["error"]["message"]
+    assert "refused" in message and "DESIGN_STRUCTURED_OUTPUTS=off" in message
+
+
 # -- the command-line client -------------------------------------------------------------
 
 

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace, sections: list[str], plan: GridPlan | None) ->
     if args.decoder_threads:
         torch.set_num_threads(args.decoder_threads)
         gateway_env["OMP_NUM_THREADS"] = str(args.decoder_threads)
+        gateway_env["DECODER_THREADS"] = str(args.decoder_threads)
     print_header(args.quick)
 
     if args.quick:

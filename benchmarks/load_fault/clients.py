@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import itertools
 import json
 import os
 import random
 import re
 import time
+import wave
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from decoder_gateway.client import (
     StreamBroken,
     TextInSocket,
 )
+from decoder_gateway.llm.prompt import GENDERS, LEVELS
 from decoder_gateway.settings import Settings as GatewaySettings
 from decoder_gateway.text import split_segments
 from decoder_gateway.voices.catalog import VoiceCatalog
@@ -66,6 +69,10 @@ WS_MAX_MESSAGE_BYTES: int = gateway_default("ws_max_message_bytes")
 MAX_REQUEST_BODY_BYTES: int = gateway_default("max_request_body_bytes")
 # Requests whose text holds this word get no stand-in fault (its fault_exclude).
 NO_FAULT_MARKER = "zqclean"
+# Candidates the designing client asks for (generated concurrently, under one slot).
+DESIGN_CANDIDATES = 2
+GLOBAL_TOKENS = 32
+WAV_DATA_URL = "data:audio/wav;base64,"
 
 CATALOG = VoiceCatalog.load()  # the packaged six
 VOICES = CATALOG.ids
@@ -115,9 +122,10 @@ class RunSettings:
 class Request:
     """One request a client started, and what became of it."""
 
-    client: str  # "http-0", "ws-3", "textin-1", "voices-0", "fault-12"
+    client: str  # "http-0", "ws-3", "textin-1", "voices-0", "design-0", "fault-12"
     # "http" | "ws" | "textin" (one utterance of a streaming-text session) | "voices"
-    # (one upload, speech in the cloned voice, and its deletion)
+    # (one upload, speech in the cloned voice, and its deletion) | "design" (a design,
+    # one candidate saved, speech in it, and its deletion)
     transport: str
     kind: str  # "normal", a fault kind, or "<fault kind>/follow-up"
     started: float
@@ -152,6 +160,9 @@ class Recorder:
     requests: list[Request] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     anomalies: list[str] = field(default_factory=list)
+    # The designing client's steps that succeeded: "designs", "candidates", "saved",
+    # "spoken" (speech in the saved voice completed).
+    design_steps: Counter[str] = field(default_factory=Counter)
 
     def start(self, client: str, transport: str, kind: str, **kw: Any) -> Request:
         request = Request(client, transport, kind, time.monotonic(), **kw)
@@ -804,6 +815,103 @@ class Clients:
                 exchange = self._clone_speak_delete(client, request, voice, text, texts)
                 await self.bounded(request, exchange, waiting_for="answer")
                 await asyncio.sleep(texts.rng.uniform(0.1, 0.4) + (0.5 if request.reason else 0))
+
+    async def design_client(self, index: int) -> None:
+        """Designs voices while the others speak (the run's gateway has VOICE_DESIGN on):
+        design candidates for random style labels, save one under a new name, speak in
+        it over HTTP, delete it. One request each time; every step must answer, and a
+        design answered 200 must hold valid voices and previews."""
+        name = f"design-{index}"
+        texts = Texts(random.Random(self.s.seed * 1000 + 950 + index), self.llm_kind)
+        async with self.gateway_client() as client:
+            for round_ in itertools.count():
+                if not self.running():
+                    break
+                text = texts.text(sentences=(1, 1))
+                expectations = texts.expectations(text)
+                # The candidates' streams are upstream at once during the design.
+                expectations["upstream"] = max(DESIGN_CANDIDATES, expectations["upstream"])
+                request = self.rec.start(name, "design", "normal", **expectations)
+                voice = f"lfd{self.s.seed}x{index}x{round_}"
+                exchange = self._design_save_speak(client, request, voice, text, texts)
+                await self.bounded(request, exchange, waiting_for="answer")
+                await asyncio.sleep(texts.rng.uniform(0.1, 0.4) + (0.5 if request.reason else 0))
+
+    async def _design_save_speak(
+        self, client: GatewayClient, request: Request, voice: str, text: str, texts: Texts
+    ) -> None:
+        style = {
+            "gender": texts.rng.choice(GENDERS),
+            "pitch": texts.rng.choice(LEVELS),
+            "speed": texts.rng.choice(LEVELS),
+        }
+        preview = texts.sentence(texts.rng.randint(2, 6))
+        try:
+            candidates = await client.design_voices(
+                **style,
+                text=preview,
+                candidates=DESIGN_CANDIDATES,
+                seed=texts.rng.randrange(1 << 30),
+            )
+        except ServerError as err:
+            assert err.status is not None
+            request.end(
+                ERROR, "design: " + http_error_reason(request, err.status, err.body, self.rec)
+            )
+            return
+        if problem := self.design_problem(candidates, texts.expected_bytes(preview)):
+            request.end(LOST, f"design answered 200 with {problem}")
+            return
+        self.rec.design_steps["designs"] += 1
+        self.rec.design_steps["candidates"] += len(candidates)
+        tokens = texts.rng.choice(candidates)["global_tokens"]
+        try:
+            await client.save_voice(voice, tokens, gender=style["gender"])
+        except ServerError as err:
+            assert err.status is not None
+            request.end(
+                ERROR, "save: " + http_error_reason(request, err.status, err.body, self.rec)
+            )
+            return
+        self.rec.design_steps["saved"] += 1
+        try:
+            await self._http_once(client, request, {"text": text, "voice": voice}, None, HTTP_PATH)
+        finally:
+            try:
+                await client.delete_voice(voice)
+            except ServerError as err:
+                self.rec.anomaly(f"{request.client}: DELETE {voice} answered {err.status}")
+        if request.outcome == COMPLETED:
+            self.rec.design_steps["spoken"] += 1
+
+    @staticmethod
+    def design_problem(candidates: list[dict[str, Any]], preview_bytes: int | None) -> str | None:
+        """What is wrong with a design's candidates (None: nothing): each must hold 32
+        global tokens in 0..4095 and a WAV preview of the audio the LLM was asked for."""
+        if len(candidates) != DESIGN_CANDIDATES:
+            return f"{len(candidates)} candidates, {DESIGN_CANDIDATES} asked for"
+        for number, candidate in enumerate(candidates, 1):
+            tokens = candidate.get("global_tokens")
+            if (
+                not isinstance(tokens, list)
+                or len(tokens) != GLOBAL_TOKENS
+                or not all(isinstance(t, int) and 0 <= t < 4096 for t in tokens)
+            ):
+                return f"candidate {number}: global_tokens {str(tokens)[:80]}"
+            audio = candidate.get("audio")
+            if not isinstance(audio, str) or not audio.startswith(WAV_DATA_URL):
+                return f"candidate {number}: audio {str(audio)[:40]!r}"
+            try:
+                with wave.open(io.BytesIO(base64.b64decode(audio[len(WAV_DATA_URL) :]))) as wav:
+                    shape = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
+                    pcm = len(wav.readframes(wav.getnframes()))
+            except (ValueError, EOFError, wave.Error) as err:
+                return f"candidate {number}: a preview that is no WAV file ({err})"
+            if shape != (SAMPLE_RATE, 1, 2) or pcm <= 0:
+                return f"candidate {number}: a preview of {pcm} bytes as {shape}"
+            if preview_bytes is not None and pcm != preview_bytes:
+                return f"candidate {number}: a preview of {pcm} PCM bytes, {preview_bytes} expected"
+        return None
 
     async def _clone_speak_delete(
         self, client: GatewayClient, request: Request, voice: str, text: str, texts: Texts

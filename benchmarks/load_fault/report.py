@@ -143,6 +143,12 @@ def build_report(rec: Recorder, seen: Observations) -> dict[str, Any]:
             k: dict(v.most_common()) for k, v in sorted(fault_outcomes.items())
         },
         "requests_by_transport": dict(Counter(r.transport for r in requests)),
+        # The designing client: designs answered with valid voices, their candidates,
+        # voices saved, and speech in them completed.
+        "design_client": {
+            step: rec.design_steps.get(step, 0)
+            for step in ("designs", "candidates", "saved", "spoken")
+        },
         "explicit_errors_by_reason": dict(reasons.most_common()),
         "lost_requests": [
             {k: v for k, v in asdict(r).items() if k in ("client", "kind", "reason", "received")}
@@ -214,6 +220,10 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{report['audio_seconds_delivered']} s / {report['audio_seconds_completed']} s",
             ],
             ["first audio p50 / p90 (completed)", f"{fa['p50']} s / {fa['p90']} s"],
+            [
+                "designing client: designs (candidates) / voices saved / spoken in",
+                "{designs} ({candidates}) / {saved} / {spoken}".format(**report["design_client"]),
+            ],
             ["gateway alive at the end", report["gateway_alive"]],
             ["wall time", f"{report['wall_s']} s"],
         ],

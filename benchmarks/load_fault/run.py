@@ -182,6 +182,7 @@ class Run(Faults):
         clients += [self.ws_client(i) for i in range(ws_count)]
         clients += [self.http_client(i) for i in range(http_count)]
         clients.append(self.barging_client(0))  # one more: a voice agent talked over
+        clients.append(self.design_client(0))  # and one designing voices (VOICE_DESIGN)
         watcher = asyncio.create_task(self.watch_upstream())
         try:
             await asyncio.gather(self.run_faults(started), *clients)
@@ -272,6 +273,9 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         # Each fault expects its own error; a refusal for capacity would stand in for
         # it. Admission under overload is measured by bench_gateway.py --only ramp.
         "ADMISSION_CONTROL": "false",
+        # The designing client designs voices; voices with tokens (packaged, cloned,
+        # designed) are then prompted with the base model's prompt (no speaker id).
+        "VOICE_DESIGN": "on",
     }
     # The decoder fault needs devtools.faulty_gateway in the gateway's tree.
     faulty = True

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from decoder_gateway.api.protocol import PCM_HEADERS
+from decoder_gateway.api.protocol import PCM_HEADERS, VOICE_GLOBAL_TOKENS_HEADER
 from decoder_gateway.api.state import get_gateway
 from decoder_gateway.api.stream_protocol import SpeechStreamRequest
 from decoder_gateway.api.streaming import SpeechResponse, start_stream
@@ -49,8 +49,11 @@ async def speech_stream(body: SpeechStreamRequest, request: Request) -> SpeechRe
         body.max_tokens,
         request_id=request.headers.get("x-request-id"),
         ref_audio=body.ref_audio,
+        style=body.style.to_style() if body.style else None,
     )
     stream, first = await start_stream(service, job, "stream", request)
     headers = {**PCM_HEADERS, "X-Request-Id": job.request_id}
+    if (tokens := stream.designed_tokens) is not None:  # a style request's voice
+        headers[VOICE_GLOBAL_TOKENS_HEADER] = ",".join(map(str, tokens))
     response = StreamingResponse(pcm_body(stream, first), media_type="audio/pcm", headers=headers)
     return SpeechResponse(response, stream, gateway.settings.slow_client_timeout_s)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from decoder_gateway.api.protocol import REF_AUDIO_DOC, ErrorDetail, Text
+from decoder_gateway.api.protocol import REF_AUDIO_DOC, STYLE_DOC, ErrorDetail, StyleLabels, Text
 
 OPENAI_MAX_INPUT_CHARS = 4096
 
@@ -29,10 +29,14 @@ class OpenAISpeechRequest(BaseModel):
         None,
         description="A voice id of GET /v1/audio/voices (also as {'id': ...}). OpenAI's built-in "
         "names (alloy, ash, ballad, coral, echo, fable, nova, onyx, sage, shimmer, verse, marin, "
-        "cedar) speak with the default voice. Omitted: the default voice.",
+        "cedar) speak with the default voice. Omitted: the default voice. 'design' "
+        "(VOICE_DESIGN=on): a voice designed for this request from style or instructions.",
     )
     instructions: str | None = Field(
-        None, description="Accepted and ignored: Spark-TTS takes no style instructions."
+        None,
+        description="With voice 'design' (VOICE_DESIGN=on) and no style: the style labels in "
+        "words (a gender, e.g. 'female' or 'man'; optionally a pitch, e.g. 'deep', 'high "
+        "pitch', and a speed, e.g. 'slow', 'very fast'). Otherwise accepted and ignored.",
     )
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm", "mulaw", "alaw"] = Field(
         "mp3",
@@ -61,6 +65,11 @@ class OpenAISpeechRequest(BaseModel):
         0.7, ge=0.0, le=2.0, strict=True, description="Sampling temperature (extension)."
     )
     ref_audio: str | None = Field(None, description=REF_AUDIO_DOC + " (vLLM-Omni's field)")
+    style: StyleLabels | None = Field(
+        None,
+        description=STYLE_DOC + " Extension; with it, voice is omitted or 'design' (OpenAI's "
+        "SDK always sends one). The tokens come in the X-Voice-Global-Tokens header.",
+    )
 
     @field_validator("voice", mode="before")
     @classmethod

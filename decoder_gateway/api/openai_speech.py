@@ -29,7 +29,7 @@ from decoder_gateway.api.openai_protocol import (
     SpeechAudioDone,
     SpeechUsage,
 )
-from decoder_gateway.api.protocol import ErrorResponse
+from decoder_gateway.api.protocol import VOICE_GLOBAL_TOKENS_HEADER, ErrorResponse
 from decoder_gateway.api.state import get_gateway
 from decoder_gateway.api.streaming import SpeechResponse, start_stream
 from decoder_gateway.audio.encoders import (
@@ -39,7 +39,9 @@ from decoder_gateway.audio.encoders import (
     AudioPipeline,
 )
 from decoder_gateway.errors import InvalidRequest, StreamAborted, VoiceNotFound
-from decoder_gateway.serving import Audio, SpeechStream
+from decoder_gateway.llm.prompt import VoiceStyle
+from decoder_gateway.serving import Audio, SpeechService, SpeechStream
+from decoder_gateway.serving.style import check_style_enabled, style_from_instructions
 from decoder_gateway.voices.catalog import Voice
 from decoder_gateway.voices.service import VoiceService
 
@@ -64,12 +66,16 @@ OPENAI_VOICES = frozenset(
         "cedar",
     }
 )
+# The voice that a style request names here, where OpenAI's SDK always sends a voice:
+# a voice designed for the request from `style` or, without one, from `instructions`.
+DESIGN_VOICE = "design"
 _STARTED = int(time.time())
 _ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "Invalid request; `param` names the field"},
     413: {"model": ErrorResponse, "description": "Body over MAX_REQUEST_BODY_BYTES"},
     429: {"model": ErrorResponse, "description": "Too many concurrent streams"},
     500: {"model": ErrorResponse, "description": "The decoder failed (decoder_error)"},
+    501: {"model": ErrorResponse, "description": "A style request with VOICE_DESIGN off"},
     502: {"model": ErrorResponse, "description": "The LLM failed or wrote no speech"},
     503: {"model": ErrorResponse, "description": "The LLM is unreachable or not ready"},
 }
@@ -124,18 +130,21 @@ async def list_audio_models(request: Request) -> AudioModelList:
     },
 )
 async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response:
-    """OpenAI's speech endpoint. ``instructions`` is accepted and ignored; ``model`` is
-    not checked (one model is served); ``sample_rate`` and ``temperature`` are extensions."""
+    """OpenAI's speech endpoint. ``model`` is not checked (one model is served);
+    ``sample_rate``, ``temperature`` and ``style`` are extensions. ``instructions`` names
+    the style labels with the voice ``design``; with any other voice it is ignored."""
     gateway = get_gateway(request)
     service = gateway.speech
     fmt, rate = _output(body)
+    style = _style(body, service)
     job = await service.prepare(
         body.input,
         temperature=body.temperature,
         request_id=request.headers.get("x-request-id"),
         text_param="input",
-        resolved_voice=await resolve_voice(gateway.voices, body.voice),
+        resolved_voice=None if style else await resolve_voice(gateway.voices, body.voice),
         ref_audio=body.ref_audio,
+        style=style,
     )
     stream, first = await start_stream(service, job, "openai", request)
     try:
@@ -145,6 +154,8 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
         raise
     encoded = _encoded(stream, first, pipeline)
     headers = _headers(job.request_id, fmt, rate)
+    if (tokens := stream.designed_tokens) is not None:  # a style request's voice
+        headers[VOICE_GLOBAL_TOKENS_HEADER] = ",".join(map(str, tokens))
     if body.stream_format == "audio":
         response: Response = StreamingResponse(
             _audio_body(encoded), media_type=fmt.content_type, headers=headers
@@ -155,6 +166,23 @@ async def create_speech(body: OpenAISpeechRequest, request: Request) -> Response
         events = _sse_events(encoded, pipeline, len(body.input), gateway.decoder.hop_length)
         response = EventSourceResponse(events, headers=headers, sep="\n")
     return SpeechResponse(response, stream, gateway.settings.slow_client_timeout_s)
+
+
+def _style(body: OpenAISpeechRequest, service: SpeechService) -> VoiceStyle | None:
+    """A style request's labels: ``style`` (with no voice, or ``design``), or the
+    ``instructions`` of the voice ``design``; None for a request with a voice."""
+    if body.style is not None:
+        if body.voice not in (None, DESIGN_VOICE):
+            raise InvalidRequest(
+                f"voice {body.voice!r} and style were both given: style makes the request's "
+                f"voice, so send voice {DESIGN_VOICE!r} (or none) with it",
+                "voice",
+            )
+        return body.style.to_style()
+    if body.voice == DESIGN_VOICE:
+        check_style_enabled(service.settings.voice_design)
+        return style_from_instructions(body.instructions)
+    return None
 
 
 def _output(body: OpenAISpeechRequest) -> tuple[AudioFormat, int]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from decoder_gateway.audio.encoders import SAMPLE_RATES
+from decoder_gateway.llm.prompt import Gender, Level, VoiceStyle
 
 SAMPLE_RATE = 16000
 PCM_HEADERS = {"X-Sample-Rate": str(SAMPLE_RATE), "X-Bit-Depth": "16", "X-Channels": "1"}
@@ -55,6 +56,33 @@ REF_AUDIO_DOC = (
     "cloned for this request only (nothing is stored). `voice` then gives the speaker id."
 )
 DEFAULT_MAX_TOKENS_DOC = "Semantic-token budget per sentence; default min(2048, MAX_TOKENS_LIMIT)."
+
+
+VOICE_GLOBAL_TOKENS_HEADER = "X-Voice-Global-Tokens"
+STYLE_DOC = (
+    "Instead of a voice (VOICE_DESIGN=on; else 501): the base model's style labels. The "
+    "first sentence is generated with the controllable prompt, and the 32 global tokens "
+    "it writes are the voice of every later sentence; they are returned so that the "
+    "voice can be saved (POST /v1/audio/voices with global_tokens)."
+)
+GLOBAL_TOKENS_DOC = (
+    "A style request's voice: the 32 global tokens its first sentence wrote (save them "
+    "with POST /v1/audio/voices to keep the voice). Absent for any other request."
+)
+
+
+class StyleLabels(BaseModel):
+    """``style``: a voice described by the base model's labels, those of
+    ``POST /v1/audio/voices/design``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gender: Gender
+    pitch: Level
+    speed: Level
+
+    def to_style(self) -> VoiceStyle:
+        return VoiceStyle(self.gender, self.pitch, self.speed)
 
 
 class ErrorDetail(BaseModel):

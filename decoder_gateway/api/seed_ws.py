@@ -197,6 +197,7 @@ async def _speak(conn: Connection, service: SpeechService, speaking: _Speaking) 
             message.temperature,
             message.max_tokens,
             ref_audio=message.ref_audio,
+            style=message.style.to_style() if message.style else None,
         )
         stream = speaking.stream = await service.open(job, "websocket")
     except Exception as err:
@@ -230,6 +231,8 @@ async def _speak(conn: Connection, service: SpeechService, speaking: _Speaking) 
                             voice=job.voice.id,
                             request_id=job.request_id,
                             sample_rate=speaking.sample_rate,
+                            # A style request's voice, known before its first audio.
+                            global_tokens=stream.designed_tokens,
                         )
                     )
                 data, samples = await audio.push(event.samples)

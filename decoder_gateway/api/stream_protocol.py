@@ -14,13 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from decoder_gateway.api.protocol import (
     DEFAULT_MAX_TOKENS_DOC,
+    GLOBAL_TOKENS_DOC,
     REF_AUDIO_DOC,
     SAMPLE_RATE,
     SAMPLE_RATE_DOC,
     SPOKEN_TEXT_DOC,
+    STYLE_DOC,
     SampleRate,
     SegmentId,
     SpokenUntil,
+    StyleLabels,
     Text,
 )
 
@@ -36,6 +39,9 @@ class SpeechStreamRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=2.0, strict=True)
     max_tokens: StrictInt | None = Field(None, ge=1, description=DEFAULT_MAX_TOKENS_DOC)
     ref_audio: str | None = Field(None, description=REF_AUDIO_DOC)
+    style: StyleLabels | None = Field(
+        None, description=STYLE_DOC + " The tokens come in the X-Voice-Global-Tokens header."
+    )
 
 
 # -- WS /v1/audio/speech/stream/ws -------------------------------------------------
@@ -62,6 +68,9 @@ class WebSocketSpeechMessage(BaseModel):
         description="pcm: PCM16 LE; mulaw / alaw: G.711, one byte per sample, no header.",
     )
     sample_rate: SampleRate | None = Field(None, description=SAMPLE_RATE_DOC)
+    style: StyleLabels | None = Field(
+        None, description=STYLE_DOC + " The tokens come in the start frame's global_tokens."
+    )
 
 
 class CancelMessage(BaseModel):
@@ -94,6 +103,9 @@ class StartMessage(BaseModel):
     voice: str
     request_id: str
     sample_rate: int = SAMPLE_RATE
+    global_tokens: list[int] | None = Field(
+        None, description=GLOBAL_TOKENS_DOC, exclude_if=lambda value: value is None
+    )
 
 
 class SegmentMessage(BaseModel):
@@ -144,6 +156,11 @@ class SessionConfig(BaseModel):
     )
     speed: float = Field(1.0, ge=0.25, le=4.0, description="Tempo factor; pitch is kept.")
     ref_audio: str | None = Field(None, description=REF_AUDIO_DOC)
+    style: StyleLabels | None = Field(
+        None,
+        description=STYLE_DOC + " Each utterance is one request, with a voice of its own; "
+        "its tokens come in its first audio.start's global_tokens.",
+    )
 
 
 class InputText(BaseModel):
@@ -165,6 +182,12 @@ class AudioStart(BaseModel):
     format: Literal["pcm", "wav", "mulaw", "alaw"]
     sample_rate: int = SAMPLE_RATE
     start_s: float = Field(description="Where this sentence starts in the utterance's audio")
+    global_tokens: list[int] | None = Field(
+        None,
+        description=GLOBAL_TOKENS_DOC + " Only on a style utterance's first sentence, whose "
+        "audio.start then comes with its first audio.",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class AudioDone(BaseModel):

@@ -261,6 +261,7 @@ async def _handle(
             config.voice,
             config.speaker_id,
             config.ref_audio,
+            config.style.to_style() if config.style else None,
         )
     elif kind == "auth":
         await conn.send(auth_reply(data, settings.gateway_api_key))

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -161,6 +161,35 @@ class LLMClient:
             logger.warning("Spark token ids differ from upstream's: %s", self.token_map)
         return self.token_map
 
+    async def token_ids(self, names: Sequence[str]) -> dict[str, int]:
+        """The vocabulary id of each of ``names`` (token strings such as
+        ``<|start_global_token|>``) that vLLM's tokenizer holds as one token; a name it
+        would spell in several tokens is left out. One ``POST /tokenize`` per name.
+
+        Raises UpstreamUnavailable when vLLM does not answer.
+        """
+
+        async def one(name: str) -> list[int]:
+            response = await self.http.post(
+                "/tokenize",
+                json={"model": self.model, "prompt": name, "add_special_tokens": False},
+            )
+            response.raise_for_status()
+            tokens = response.json()["tokens"]
+            if not isinstance(tokens, list):
+                raise ValueError(f"/tokenize gave {tokens!r}")
+            return tokens
+
+        try:
+            answers = await asyncio.gather(*(one(name) for name in names))
+        except (httpx.HTTPError, KeyError, ValueError) as err:
+            raise UpstreamUnavailable(f"could not read token ids from vLLM: {err}") from err
+        return {
+            name: tokens[0]
+            for name, tokens in zip(names, answers, strict=True)
+            if len(tokens) == 1 and isinstance(tokens[0], int)
+        }
+
     async def stream_tokens(
         self,
         prompt: str,
@@ -168,12 +197,16 @@ class LLMClient:
         request_id: str | None = None,
         priority: int | None = None,
         seed: int | None = None,
+        structured_outputs: Mapping[str, object] | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Yield the BiCodec tokens of one completion as they arrive.
 
         ``priority``: vLLM's request priority (lower: sooner), only for a vLLM started
         with ``--scheduling-policy priority`` (any other refuses it); None: not sent.
         ``seed``: the sampling seed (the same seed and prompt sample alike); None: not sent.
+        ``structured_outputs``: vLLM's ``structured_outputs`` object (e.g. ``{"grammar":
+        ...}``, :mod:`decoder_gateway.llm.grammar`), which constrains what the model may
+        write; None: not sent.
 
         Raises UpstreamUnavailable (cannot connect), UpstreamError (vLLM error, in
         band or by status, or a stream that breaks off).
@@ -194,6 +227,8 @@ class LLMClient:
             extra_body["request_id"] = request_id
         if priority is not None:
             extra_body["priority"] = priority
+        if structured_outputs is not None:
+            extra_body["structured_outputs"] = dict(structured_outputs)
         try:
             stream = await self.client.completions.create(
                 model=self.model,

@@ -8,6 +8,11 @@ with them by the shared decode worker, like any stream's chunks. A generation th
 writes another number of global tokens is tried once more with another seed, then
 the request fails with ``VoiceDesignFailed``: a wrong count would decode to no voice
 at all, or worse, a voice the labels did not ask for.
+
+With ``DESIGN_STRUCTURED_OUTPUTS`` (on by default) each generation is sent with a
+grammar over token ids (:mod:`decoder_gateway.llm.grammar`), vLLM's structured
+outputs: the model can then only write the design's shape, 32 global tokens among
+it. The markers' ids come from vLLM's tokenizer (``/tokenize``), once per process.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from decoder_gateway.errors import (
     VoiceDesignUnavailable,
 )
 from decoder_gateway.llm.client import LLMClient, SamplingParams, prompt_token_bound
+from decoder_gateway.llm.grammar import DesignConstraint
 from decoder_gateway.llm.prompt import VoiceStyle, controllable_prompt, find_markup
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving.admission import Admission, StreamSlots
@@ -91,6 +97,7 @@ class VoiceDesigner:
         # The whole preview is known before it is decoded: a schedule by token counts
         # only (no first-audio budget), with the configured crossfade.
         self.streaming = StreamingConfig(crossfade_samples=settings.stream_crossfade_samples)
+        self.constraint = DesignConstraint(llm, settings.design_structured_outputs)
 
     @property
     def enabled(self) -> bool:
@@ -227,13 +234,29 @@ class VoiceDesigner:
         )
         global_tokens: list[int] = []
         semantic: list[int] = []
-        tokens = self.llm.stream_tokens(prompt, sampling, request_id=request_id, seed=seed)
-        # aclosing: a failed sibling cancels this one, and vLLM must then abort at once.
-        async with contextlib.aclosing(tokens):
-            async for delta in tokens:
-                global_tokens += delta.global_tokens
-                semantic += delta.semantic
+        structured = await self.structured_outputs()
+        tokens = self.llm.stream_tokens(
+            prompt, sampling, request_id=request_id, seed=seed, structured_outputs=structured
+        )
+        try:
+            # aclosing: a failed sibling cancels this one, and vLLM must then abort at once.
+            async with contextlib.aclosing(tokens):
+                async for delta in tokens:
+                    global_tokens += delta.global_tokens
+                    semantic += delta.semantic
+        except UpstreamError as err:
+            if structured is None or not str(err).startswith("vLLM refused"):
+                raise
+            raise UpstreamError(
+                f"{err}. The design request carried a grammar in structured_outputs "
+                "(DESIGN_STRUCTURED_OUTPUTS=on), which needs vLLM 0.10.2 or later with "
+                "the xgrammar or guidance backend; or set DESIGN_STRUCTURED_OUTPUTS=off"
+            ) from err
         return _Generation(global_tokens, semantic)
+
+    async def structured_outputs(self) -> dict[str, str] | None:
+        """vLLM's ``structured_outputs`` for a design generation (None: unconstrained)."""
+        return await self.constraint.structured_outputs()
 
     def _max_tokens(self, text: str, prompt: str) -> int:
         budget = token_budget(text, writes_globals=True) + ATTRIBUTE_TOKENS_ALLOWANCE

@@ -7,6 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from decoder_gateway.llm.prompt import VoiceStyle
 from decoder_gateway.voices.catalog import Voice
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -28,3 +29,6 @@ class SpeechJob:
     max_tokens: int
     request_id: str = field(default_factory=new_request_id)
     accepted_at: float = field(default_factory=time.monotonic)
+    # A style request's labels (VOICE_DESIGN=on): its first segment writes the voice
+    # (``voice`` then has no global tokens), which the later segments keep.
+    style: VoiceStyle | None = None

@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from decoder_gateway.codec import StreamingConfig, StreamingSession
 from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.errors import NoAudioGenerated, UpstreamError
 from decoder_gateway.llm.client import LLMClient, SamplingParams, prompt_token_bound
-from decoder_gateway.llm.prompt import base_prompt, speaker_prompt
+from decoder_gateway.llm.grammar import DesignConstraint
+from decoder_gateway.llm.prompt import base_prompt, controllable_prompt, speaker_prompt
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving.capacity import CapacityModel
 from decoder_gateway.serving.events import Audio, SpeechEvent
 from decoder_gateway.serving.job import SpeechJob
+from decoder_gateway.serving.style import voice_first_tokens
 from decoder_gateway.settings import Settings
 from decoder_gateway.voices.catalog import GLOBAL_TOKEN_COUNT, check_global_tokens
 
@@ -36,7 +39,7 @@ class RequestState:
 
     # Global tokens of the voice; pinned by segment 0 when the voice has none.
     voice_tokens: asyncio.Future[list[int]]
-    # Playback clock, for decode priority and for hurrying a chunk: the listener
+    # Playback clock, for decode priority and for the chunk plan: the listener
     # started at the first audio and plays the segments' decoded samples in order.
     first_audio_at: float | None = None
     samples_decoded: dict[int, int] = field(default_factory=dict)  # by segment
@@ -76,26 +79,35 @@ class SegmentSynthesis:
         self.worker = worker
         self.metrics = metrics
         self.capacity = capacity
+        self.design_constraint = DesignConstraint(llm, settings.design_structured_outputs)
         self.streaming = StreamingConfig(
             first_chunk_tokens=settings.stream_first_chunk_tokens,
             first_lookahead_tokens=settings.stream_first_lookahead_tokens,
             assumed_speedup=settings.stream_assumed_speedup,
             crossfade_samples=settings.stream_crossfade_samples,
             first_audio_budget_s=_seconds(settings.stream_first_audio_budget_ms),
+            min_buffer_s=settings.stream_min_buffer_ms / 1000,
+            target_buffer_s=settings.stream_target_buffer_ms / 1000,
         )
-        self.min_buffer_s = settings.stream_min_buffer_ms / 1000
 
     async def run(
         self, job: SpeechJob, index: int, text: str, state: RequestState, emit: Emit
     ) -> None:
         """Generate segment ``index`` (``text``) of ``job``, emitting its audio as decoded."""
-        # Segments after the first wait for the voice that segment 0 pins.
-        pinned = job.voice.global_tokens if index == 0 else await state.voice_tokens
-        if self.settings.voice_design and pinned is not None:
-            # The base model (VOICE_DESIGN) was trained without a speaker id before the text.
-            prompt = base_prompt(text, pinned)
+        # A style request's first segment writes its voice for the labels.
+        style = job.style if index == 0 else None
+        pinned: list[int] | None = None
+        if style is not None:
+            prompt = controllable_prompt(text, style)
         else:
-            prompt = speaker_prompt(job.voice, text, pinned)
+            # Segments after the first wait for the voice that segment 0 pins.
+            pinned = job.voice.global_tokens if index == 0 else await state.voice_tokens
+            if self.settings.voice_design and pinned is not None:
+                # The base model (VOICE_DESIGN) was trained without a speaker id before
+                # the text.
+                prompt = base_prompt(text, pinned)
+            else:
+                prompt = speaker_prompt(job.voice, text, pinned)
         sampling = SamplingParams(
             temperature=job.temperature,
             top_p=self.settings.top_p,
@@ -106,38 +118,59 @@ class SegmentSynthesis:
         session = None if pinned is None else self.worker.open_stream(pinned, self.streaming)
         written_globals: list[int] = []
         first_token_at = last_token_at = 0.0
-        tokens = self.llm.stream_tokens(
-            prompt,
-            sampling,
-            request_id=f"{job.request_id}-{index}",
-            priority=self._priority(state, index),
-        )
+        request_id, priority = f"{job.request_id}-{index}", self._priority(state, index)
+        if style is not None:
+            # Its voice is checked (and retried once) before any of its tokens is used.
+            structured = await self.design_constraint.structured_outputs()
+            tokens = voice_first_tokens(
+                self.llm, prompt, sampling, request_id, priority, structured
+            )
+        else:
+            tokens = self.llm.stream_tokens(
+                prompt, sampling, request_id=request_id, priority=priority
+            )
         capacity = self.capacity
         capacity.segment_started()
+        ended = False
+
+        def tokens_ended() -> None:
+            """All tokens are in (or none will come): the next segment may start."""
+            nonlocal ended
+            if not ended:
+                ended = True
+                capacity.segment_ended()
+                state.written(index).set()
+
+        # Read ahead: tokens keep coming in while a chunk decodes, and the next chunk is
+        # planned from all of them. Read between decodes, a stream would plan from the
+        # few tokens that make a chunk at all, and never get ahead of its listener.
         # aclosing: whatever ends this loop (cancel, our own error) closes the upstream
         # stream now, so vLLM aborts the request, not when the generator is collected.
         try:
-            async with contextlib.aclosing(tokens):
-                async for delta in tokens:
-                    if session is None:
-                        written_globals += delta.global_tokens
-                        if not delta.semantic:
-                            continue
-                        session = self.worker.open_stream(
-                            _check_globals(written_globals), self.streaming
-                        )
-                        if not state.voice_tokens.done():
-                            state.voice_tokens.set_result(written_globals)
-                    if delta.semantic:
-                        last_token_at = time.monotonic()
-                        first_token_at = first_token_at or last_token_at
-                        self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
-                        capacity.llm_tokens(len(delta.semantic))
-                        session.push(delta.semantic, at=last_token_at)
+            async with contextlib.aclosing(read_ahead(tokens, tokens_ended)) as arrivals:
+                async for batch in arrivals:
+                    pushed = False
+                    for arrived_at, delta in batch:
+                        if session is None:
+                            written_globals += delta.global_tokens
+                            if not delta.semantic:
+                                continue
+                            session = self.worker.open_stream(
+                                _check_globals(written_globals), self.streaming
+                            )
+                            if not state.voice_tokens.done():
+                                state.voice_tokens.set_result(written_globals)
+                        if delta.semantic:
+                            last_token_at = arrived_at
+                            first_token_at = first_token_at or last_token_at
+                            self.metrics.llm_semantic_tokens.inc(len(delta.semantic))
+                            capacity.llm_tokens(len(delta.semantic))
+                            session.push(delta.semantic, at=arrived_at)
+                            pushed = True
+                    if pushed and session is not None:
                         await self._decode_ready(session, index, state, emit)
         finally:
-            capacity.segment_ended()
-            state.written(index).set()
+            tokens_ended()
         if session is None or session.num_tokens == 0:
             if written_globals:
                 _check_globals(written_globals)
@@ -155,10 +188,9 @@ class SegmentSynthesis:
         self, session: StreamingSession, index: int, state: RequestState, emit: Emit
     ) -> None:
         deadline = state.playback_deadline(index)
-        # A listener about to run dry gets what the tokens so far can give (the
-        # schedule's look-ahead assumes an LLM faster than a busy one may be).
-        hurry = state.first_audio_at is not None and deadline - time.monotonic() < self.min_buffer_s
-        chunks = session.plan(hurry=hurry)
+        # The listener's buffer: while it is short, the LLM's lead goes to audio first.
+        playing = state.first_audio_at is not None
+        chunks = session.plan(buffer_s=deadline - time.monotonic() if playing else None)
         if not chunks:
             return
         audio = await self.worker.decode([c.span for c in chunks], deadline)
@@ -220,3 +252,55 @@ def _check_globals(tokens: list[int]) -> list[int]:
             f"the model wrote {len(tokens)} global tokens; BiCodec needs exactly "
             f"{GLOBAL_TOKEN_COUNT}"
         ) from None
+
+
+T = TypeVar("T")
+_END = object()
+
+
+@dataclass
+class _Failed:
+    error: Exception
+
+
+async def read_ahead(
+    items: AsyncIterator[T], on_end: Callable[[], None]
+) -> AsyncIterator[list[tuple[float, T]]]:
+    """``items`` read by a task of their own: each step yields every item that arrived
+    since the last step, with its arrival time (``time.monotonic()``).
+
+    ``on_end`` is called once the items have ended, failed or been abandoned. An error
+    of ``items`` is raised after the items that came before it. Closing this generator
+    stops the reader, which closes ``items``.
+    """
+    queue: asyncio.Queue[tuple[float, T] | _Failed | object] = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    queue.put_nowait((time.monotonic(), item))
+        except Exception as err:  # handed to the consumer, in order
+            queue.put_nowait(_Failed(err))
+        else:
+            queue.put_nowait(_END)
+        finally:
+            on_end()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            waiting = [await queue.get()]
+            while not queue.empty():
+                waiting.append(queue.get_nowait())
+            arrived = [item for item in waiting if isinstance(item, tuple)]
+            if arrived:
+                yield arrived
+            last = waiting[-1]
+            if isinstance(last, _Failed):
+                raise last.error
+            if last is _END:
+                return
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)

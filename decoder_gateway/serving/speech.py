@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.errors import GatewayError, InternalError, InvalidRequest
 from decoder_gateway.llm.client import LLMClient
-from decoder_gateway.llm.prompt import find_markup
+from decoder_gateway.llm.prompt import VoiceStyle, find_markup
 from decoder_gateway.metrics import Metrics
 from decoder_gateway.serving.admission import Admission, AdmissionPolicy, StreamSlots
 from decoder_gateway.serving.capacity import CapacityModel
@@ -31,6 +31,7 @@ from decoder_gateway.serving.events import Audio, SpeechEvent
 from decoder_gateway.serving.job import SpeechJob, new_request_id
 from decoder_gateway.serving.scheduler import SegmentScheduler, SegmentSource
 from decoder_gateway.serving.segment import SegmentSynthesis
+from decoder_gateway.serving.style import check_style_request, style_voice
 from decoder_gateway.settings import Settings
 from decoder_gateway.text import normalize_text, split_segments
 from decoder_gateway.voices.catalog import Voice
@@ -90,11 +91,14 @@ class SpeechService:
         text_param: str = "text",
         resolved_voice: Voice | None = None,
         ref_audio: str | None = None,
+        style: VoiceStyle | None = None,
     ) -> SpeechJob:
         """Validate a request; raises InvalidRequest / VoiceNotFound naming the field.
 
         ``ref_audio`` (a base64 ``data:`` URL) clones a voice for this request only;
         the voice named beside it, if any, gives the speaker id of the prompt.
+        ``style``: the request's voice is designed from these labels instead (see
+        :meth:`style_voice`; no voice, speaker id or clip may come with it).
         """
         limit = self.settings.max_text_chars
         if len(text) > limit:
@@ -114,12 +118,41 @@ class SpeechService:
         if not 0.0 <= temperature <= 2.0:
             raise InvalidRequest(f"temperature must be in [0, 2], got {temperature}", "temperature")
         max_tokens = self.check_max_tokens(max_tokens)
-        voice_entry = resolved_voice or await self.voices.resolve(voice, speaker_id)
-        if ref_audio is not None:
-            voice_entry = await self.voices.inline(ref_audio, voice_entry)
+        if style is not None:
+            voice_entry = self.style_voice(
+                style, voice=voice, speaker_id=speaker_id, ref_audio=ref_audio
+            )
+        else:
+            voice_entry = resolved_voice or await self.voices.resolve(voice, speaker_id)
+            if ref_audio is not None:
+                voice_entry = await self.voices.inline(ref_audio, voice_entry)
         return SpeechJob(
-            text, segments, voice_entry, temperature, max_tokens, new_request_id(request_id)
+            text,
+            segments,
+            voice_entry,
+            temperature,
+            max_tokens,
+            new_request_id(request_id),
+            style=style,
         )
+
+    def style_voice(
+        self,
+        style: VoiceStyle,
+        *,
+        voice: str | None = None,
+        speaker_id: int | None = None,
+        ref_audio: str | None = None,
+    ) -> Voice:
+        """The voice of a job with ``style``: none pinned, its first segment writes it.
+
+        Raises InvalidRequest naming ``voice`` / ``speaker_id`` / ``ref_audio`` when one
+        comes with the style, VoiceDesignUnavailable (501) with VOICE_DESIGN off.
+        """
+        check_style_request(
+            self.settings.voice_design, voice=voice, speaker_id=speaker_id, ref_audio=ref_audio
+        )
+        return style_voice(style, self.voices.catalog.resolve(None))
 
     @staticmethod
     def check_segment(segment: str, text_param: str = "text") -> None:
@@ -206,6 +239,17 @@ class SpeechStream:
     def samples(self) -> int:
         """Samples handed to the transport so far."""
         return self.admission.samples
+
+    @property
+    def designed_tokens(self) -> list[int] | None:
+        """A style request's voice: the 32 global tokens its first segment wrote, once
+        known (before its first audio); None until then, and for any other request."""
+        if self.job.style is None:
+            return None
+        voice = self._scheduler.state.voice_tokens
+        if not voice.done() or voice.cancelled() or voice.exception() is not None:
+            return None
+        return list(voice.result())
 
     def segment_samples(self, index: int) -> int | None:
         """Segment ``index``'s length in samples once its generation has ended, else None."""

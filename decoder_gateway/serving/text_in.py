@@ -12,11 +12,13 @@ frames.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from decoder_gateway.audio.encoders import FORMATS
 from decoder_gateway.errors import CancelledByClient, InvalidRequest, SlowClient
+from decoder_gateway.llm.prompt import VoiceStyle
 from decoder_gateway.serving.events import Audio, SegmentEnd, SegmentStart
 from decoder_gateway.serving.output import OutputAudio, RawFormat
 from decoder_gateway.serving.speech import SpeechService, SpeechStream
@@ -54,6 +56,8 @@ class SentenceStarted:
     format: RawFormat
     start_s: float  # where the sentence starts in its utterance's audio
     sample_rate: int
+    # A style utterance's voice, on its first sentence (sent with its first audio).
+    global_tokens: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class TextInSession:
         self.transport = transport
         self.config = TextInConfig()
         self.voice: Voice | None = None  # resolved on first use when never configured
+        self.style: VoiceStyle | None = None  # each utterance designs its voice from it
         self.utterance: Utterance | None = None  # receiving text (until input.done)
         self.utterance_index = -1
         # Players not yet finished, in order (finished ones are dropped: a voice agent's
@@ -168,18 +173,28 @@ class TextInSession:
         voice: str | None = None,
         speaker_id: int | None = None,
         ref_audio: str | None = None,
+        style: VoiceStyle | None = None,
     ) -> None:
-        """Settings for the next utterances; refused while one is being written."""
+        """Settings for the next utterances; refused while one is being written.
+
+        ``style``: each utterance (one request) is spoken in a voice designed from
+        these labels, instead of a voice.
+        """
         if self.utterance is not None:
             raise InvalidRequest(
                 "session.config while an utterance is being written is refused (its text is "
                 "kept): send input.done first"
             )
-        resolved = await self.service.voices.resolve(voice, speaker_id)
-        if ref_audio is not None:
-            resolved = await self.service.voices.inline(ref_audio, resolved)
+        if style is not None:
+            resolved = self.service.style_voice(
+                style, voice=voice, speaker_id=speaker_id, ref_audio=ref_audio
+            )
+        else:
+            resolved = await self.service.voices.resolve(voice, speaker_id)
+            if ref_audio is not None:
+                resolved = await self.service.voices.inline(ref_audio, resolved)
         self.service.check_max_tokens(config.max_tokens)
-        self.config, self.voice = config, resolved
+        self.config, self.voice, self.style = config, resolved, style
 
     async def text(self, fragment: str) -> None:
         """The next fragment of the utterance being written (the first opens one)."""
@@ -193,6 +208,7 @@ class TextInSession:
                 self.config.temperature,
                 self.config.max_tokens,
                 ENDPOINT,
+                self.style,
             )
         utterance = self.utterance
         try:
@@ -336,6 +352,16 @@ class TextInSession:
         playing = self._playing = _Playing(index, stream, config.output_rate(rate))
         sentences, sentence, started_at = 0, None, 0
         sentence_index = -1
+        # A style utterance's first audio.start waits for its first audio, when its
+        # voice is known, and carries it.
+        pending: SentenceStarted | None = None
+
+        async def send_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                first, pending = pending, None
+                await send(dataclasses.replace(first, global_tokens=stream.designed_tokens))
+
         try:
             async for event in stream:
                 if self._stop_cause is not None:  # its cancellation was lost on the way
@@ -351,21 +377,25 @@ class TextInSession:
                     sentence_index, started_at = event.index, stream.samples
                     playing.sentences.start(event.index, event.text)
                     playing.sentence_bytes = 0
-                    await send(
-                        SentenceStarted(
-                            index,
-                            event.index,
-                            event.text,
-                            config.response_format,
-                            started_at / rate,
-                            sentence.sample_rate,
-                        )
+                    started = SentenceStarted(
+                        index,
+                        event.index,
+                        event.text,
+                        config.response_format,
+                        started_at / rate,
+                        sentence.sample_rate,
                     )
+                    if event.index == 0 and stream.job.style is not None:
+                        pending = started
+                    else:
+                        await send(started)
                 elif isinstance(event, Audio):
                     assert sentence is not None
+                    await send_pending()
                     await self._send_audio(playing, sentence, *await sentence.push(event.samples))
                 elif isinstance(event, SegmentEnd):
                     assert sentence is not None
+                    await send_pending()
                     await self._send_audio(playing, sentence, *await sentence.finish())
                     playing.sentences.end()
                     await send(
@@ -385,6 +415,7 @@ class TextInSession:
             stream.fail(err)
             if sentence is not None:
                 await sentence.close()
+                await send_pending()  # every audio.done follows its audio.start
                 await send(
                     SentenceEnded(
                         index,

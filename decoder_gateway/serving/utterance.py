@@ -11,6 +11,7 @@ first segment, so no capacity is held while a client is still thinking.
 from __future__ import annotations
 
 from decoder_gateway.errors import InvalidRequest
+from decoder_gateway.llm.prompt import VoiceStyle
 from decoder_gateway.serving.job import SpeechJob, new_request_id
 from decoder_gateway.serving.scheduler import SegmentSource
 from decoder_gateway.serving.speech import SpeechService, SpeechStream
@@ -28,6 +29,7 @@ class Utterance:
         temperature: float,
         max_tokens: int | None,
         endpoint: str,
+        style: VoiceStyle | None = None,
     ) -> None:
         self.service = service
         self.endpoint = endpoint
@@ -40,6 +42,7 @@ class Utterance:
             temperature=temperature,
             max_tokens=service.check_max_tokens(max_tokens),
             request_id=new_request_id(),
+            style=style,  # with its voice from SpeechService.style_voice
         )
         self.segmenter = TextSegmenter(max_chars=limits.max_segment_chars)
         self.source = SegmentSource()

@@ -4,15 +4,17 @@ BiCodec is not causal: a sample depends on ``receptive_field`` tokens each side.
 past costs only compute, but look-ahead costs latency, so a session plans chunks on
 a schedule: a small first chunk with short look-ahead (or as much as arrives within
 a first-audio budget), then as much look-ahead as the LLM's lead over playback
-allows, up to the receptive field. That schedule assumes an LLM ``assumed_speedup``
-times faster than playback; one that is slower (a busy server) would let the listener
-run dry while the look-ahead grows, so a session in a *hurry* (its listener close to
-the end of its audio) plans the next chunk from the tokens it has, with less
-look-ahead. An approximate chunk's tail is re-decoded by the next chunk and
-crossfaded in; the start and the end are exact, and the chunks add up
-to ``hop_length`` samples per token. Planning is apart from decoding so that a
-worker can batch the chunks of many sessions; each session's spans carry its
-:class:`~.stream_state.DecodeStream`, so settled samples are computed once.
+allows, up to the receptive field. That schedule spends the LLM's lead on look-ahead
+and assumes an LLM ``assumed_speedup`` times faster than playback. A listener's buffer
+is what carries its stream through a busy moment (another stream arriving, a slow
+decoder pass), so while the buffer is short of a target the lead goes to audio first,
+at a quality look-ahead (16 tokens are within 84 dB of exact), and a listener close to
+the end of its audio gets a chunk from the tokens there are. An approximate chunk's
+tail is re-decoded by the next chunk and crossfaded in; the start and the end are
+exact, and the chunks add up to ``hop_length`` samples per token. Planning is apart
+from decoding so that a worker can batch the chunks of many sessions; each session's
+spans carry its :class:`~.stream_state.DecodeStream`, so settled samples are computed
+once.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class StreamingConfig:
     # first chunk waits for the tokens that arrive within it (at the measured rate),
     # at least first_chunk_tokens. None: first_lookahead_tokens, whatever the timing.
     first_audio_budget_s: float | None = None
+    # The listener's buffer (seconds of audio it has left), when plan() is told it:
+    # below target_buffer_s, a chunk goes out as soon as there are min_chunk_tokens
+    # past the last one plus buffering_lookahead_tokens of look-ahead; below
+    # min_buffer_s, from whatever tokens there are. 0: the schedule alone (reproducible).
+    min_buffer_s: float = 0.0
+    target_buffer_s: float = 0.0
+    buffering_lookahead_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.first_chunk_tokens < 1 or self.min_chunk_tokens < 1:
@@ -63,6 +72,10 @@ class StreamingConfig:
             raise ValueError("max_lookahead_tokens must be >= 0")
         if self.first_audio_budget_s is not None and not self.first_audio_budget_s > 0:
             raise ValueError("first_audio_budget_s must be > 0 (None: count-based first chunk)")
+        if self.min_buffer_s < 0 or self.target_buffer_s < 0:
+            raise ValueError("buffer thresholds must be >= 0")
+        if self.buffering_lookahead_tokens < 0:
+            raise ValueError("buffering_lookahead_tokens must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -186,14 +199,17 @@ class StreamingSession:
         )
         return end, lookahead
 
-    def plan(self, hurry: bool = False) -> list[PlannedChunk]:
+    def plan(self, buffer_s: float | None = None) -> list[PlannedChunk]:
         """Chunks that the tokens so far allow; decode them, then :meth:`complete` in order.
 
-        ``hurry``: the listener is about to run out of audio. When the schedule allows
-        no chunk, one is planned anyway from the tokens there are (at least
-        ``min_chunk_tokens // 2`` new ones and ``first_lookahead_tokens`` of
-        look-ahead): approximate audio now rather than exact audio after a silence.
-        The schedule depends on token counts only as long as nobody hurries it.
+        ``buffer_s``: the audio the listener has left, in seconds (None: not playing
+        yet). Below the config's ``target_buffer_s`` a chunk goes out as soon as the
+        tokens give ``min_chunk_tokens`` of audio at ``buffering_lookahead_tokens`` of
+        look-ahead, whenever that reaches further than the schedule; below
+        ``min_buffer_s`` (about to run dry) from the tokens there are (at least
+        ``min_chunk_tokens // 2`` new ones and ``first_lookahead_tokens`` of look-ahead):
+        approximate audio now rather than exact audio after a silence. The schedule
+        depends on token counts only as long as no buffer is below its threshold.
         """
         planned = []
         total = len(self._tokens)
@@ -207,6 +223,7 @@ class StreamingSession:
             # A window never ends before the last one did: the stream's settled state
             # has gone that far (a shorter window would decode from scratch).
             lookahead = max(lookahead, min(self.max_lookahead, self._window_end - end))
+            buffering = self._buffering_chunk(start, total, buffer_s)
             if self._finished and end + lookahead >= total:
                 # The rest in one chunk, exact: its window ends at the true end. It has
                 # no new token (start == total) when the previous chunk, without
@@ -216,10 +233,13 @@ class StreamingSession:
                 if start == total and not self.crossfade:
                     break  # nothing held back: all audio is out
                 end = window_end = total
+            elif buffering is not None and (end + lookahead > total or buffering[0] > end):
+                # It takes what the tokens give: the next chunk waits for more of them.
+                planned.append(self._make_chunk(start, *buffering, final=False))
+                self._planned_until, self._window_end = buffering
+                break
             elif end + lookahead <= total:
                 window_end = end + lookahead
-            elif hurry and not planned and (hurried := self._hurried_chunk(start, total)):
-                end, window_end = hurried
             else:
                 break
             planned.append(self._make_chunk(start, end, window_end, self._final_planned))
@@ -227,22 +247,35 @@ class StreamingSession:
         self._pending.extend(planned)
         return planned
 
-    def _hurried_chunk(self, start: int, total: int) -> tuple[int, int] | None:
-        """(end, window end) of a chunk from the tokens there are; None: too few.
+    def _buffering_chunk(
+        self, start: int, total: int, buffer_s: float | None
+    ) -> tuple[int, int] | None:
+        """(end, window end) of a chunk that puts the LLM's lead into audio; None when
+        the listener has buffer enough, or the tokens give too little.
 
-        The look-ahead is split as the schedule would (the new tokens past
-        ``min_chunk_tokens`` go to look-ahead), but never below the first chunk's. The
-        first chunk is never hurried (it comes after a few tokens anyway), and a chunk
-        is at least as long as the crossfade, so that the tail it holds back is its own.
+        The first chunk is never one (it comes after a few tokens anyway), nor is any
+        once every token is in (the schedule then plans the rest at once); a chunk is at
+        least as long as the crossfade, so that the tail it holds back is its own.
         """
         cfg = self.config
-        low = min(cfg.first_lookahead_tokens, self.max_lookahead)
-        lookahead = max(low, min(self.max_lookahead, total - start - cfg.min_chunk_tokens))
-        end = min(start + cfg.max_chunk_tokens, total - lookahead)
-        shortest = max(1, cfg.min_chunk_tokens // 2, self._crossfade_tokens)
-        if start == 0 or end - start < shortest or end + lookahead < self._window_end:
+        if buffer_s is None or start == 0 or self._finished:
             return None
-        return end, end + lookahead
+        urgent = buffer_s < cfg.min_buffer_s
+        if not urgent and buffer_s >= cfg.target_buffer_s:
+            return None
+        # Never less look-ahead than the first chunk had: exact settings stay exact.
+        low = min(cfg.first_lookahead_tokens, self.max_lookahead)
+        quality = max(low, min(cfg.buffering_lookahead_tokens, self.max_lookahead))
+        if urgent:  # about to run dry: whatever the tokens give
+            lookahead = max(low, min(quality, total - start - cfg.min_chunk_tokens))
+            shortest = max(1, cfg.min_chunk_tokens // 2, self._crossfade_tokens)
+        else:
+            lookahead, shortest = quality, max(cfg.min_chunk_tokens, self._crossfade_tokens)
+        end = min(start + cfg.max_chunk_tokens, total - lookahead)
+        window_end = max(end + lookahead, self._window_end)
+        if end - start < shortest or window_end > total:
+            return None
+        return end, window_end
 
     def _timed_first_lookahead(self) -> int | None:
         """The first chunk's look-ahead, chosen by time; None: wait for more tokens.
