@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -56,10 +57,24 @@ def pick_device(setting: str) -> str:
     return setting
 
 
+def decoder_threads(setting: int | None, device: str) -> int | None:
+    """PyTorch's CPU threads: DECODER_THREADS, else for a decoder on the CPU half the
+    cores this process may run on (None: PyTorch's own choice).
+
+    A decode pass is many small kernels, and threads that share their cores with the
+    event loop, the LLM or anything else wait on each other: on 2 cores one thread
+    kept every admitted stream playing where two did not (docs/performance.md).
+    """
+    if setting:
+        return setting
+    if device != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // 2)
+
+
 async def build_gateway(settings: Settings) -> Gateway:
     catalog = VoiceCatalog.load(settings.voices_file)
-    if settings.decoder_threads:  # CPU decoding on shared cores: fewer threads can be faster
-        torch.set_num_threads(settings.decoder_threads)
     folder = await asyncio.to_thread(
         resolve_bicodec_dir,
         settings.bicodec_dir,
@@ -68,6 +83,9 @@ async def build_gateway(settings: Settings) -> Gateway:
         settings.hf_token,
     )
     device = pick_device(settings.decoder_device)
+    threads = decoder_threads(settings.decoder_threads, device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if settings.decoder_cuda_graphs and device != "cuda":
         raise RuntimeError("DECODER_CUDA_GRAPHS=true but the decoder runs on the CPU")
     decoder = await asyncio.to_thread(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 
@@ -13,6 +14,7 @@ import pytest
 import requests
 import websockets
 
+from decoder_gateway.app import decoder_threads
 from decoder_gateway.codec import load_decoder
 from decoder_gateway.codec.runtime.worker import DecodeWorker
 from decoder_gateway.llm.client import LLMClient
@@ -295,3 +297,11 @@ async def test_a_consumer_that_stops_pulling_is_bounded_and_closing_aborts_upstr
         await stream.aclose()
         await worker.close()
         await llm.close()
+
+
+def test_a_decoder_on_the_cpu_takes_half_the_cores_unless_told():
+    cores = len(os.sched_getaffinity(0))
+    assert decoder_threads(None, "cpu") == max(1, cores // 2)
+    assert decoder_threads(3, "cpu") == 3
+    assert decoder_threads(None, "cuda") is None  # PyTorch's own choice
+    assert decoder_threads(2, "cuda") == 2

@@ -82,6 +82,20 @@ def test_the_random_model_designs_valid_voices_that_can_be_saved_and_spoken(desi
         requests.delete(f"{design_gateway.url}/v1/audio/voices/designed_on_vllm", timeout=10)
 
 
+def test_a_style_request_designs_its_voice_on_the_real_server(design_gateway):
+    """The first sentence with the controllable prompt under the design grammar, its
+    voice returned in the header and pinned for the second sentence."""
+    response = requests.post(
+        f"{design_gateway.url}/v1/audio/speech/stream",
+        json={"text": "Oli otya? Nze bulungi.", "style": STYLE},
+        timeout=180,
+    )
+    assert response.status_code == 200, response.text
+    tokens = [int(t) for t in response.headers["x-voice-global-tokens"].split(",")]
+    assert tokens == tiny.expected_global_values()
+    assert len(response.content) == 2 * SEGMENT_BYTES and any(response.content)
+
+
 def test_without_structured_outputs_the_random_model_writes_no_voice(vllm_server, tmp_path):
     """Why the setting matters: unconstrained, the same model writes noise, and the
     gateway refuses it (after one retry) rather than decode a wrong voice."""

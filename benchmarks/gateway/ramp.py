@@ -225,14 +225,7 @@ def run_levels(
         raise
 
 
-# The ramp's decoder runs on one thread unless --decoder-threads says otherwise: on 2
-# cores shared with the stand-in and the clients, two threads of small kernels wait on
-# each other, and one thread decoded more per busy second (docs/performance.md).
-RAMP_DECODER_THREADS = "1"
-
-
 def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
-    env = {"DECODER_THREADS": RAMP_DECODER_THREADS, **env}
     seconds = [
         sum(max(5, STANDIN_TOKENS_PER_WORD * len(s.split())) for s in split_segments(t))
         / REAL_TIME_TOKENS_PER_S
@@ -249,7 +242,8 @@ def run_ramp(plan: RampPlan, logs: Path, env: dict[str, str]) -> None:
         f"streams arriving over {plan.arrival_s:g} s, each a paragraph "
         f"({min(seconds):.1f}-{max(seconds):.1f} s of audio) over POST "
         "/v1/audio/speech/stream; the gateway (small golden decoder, "
-        f"DECODER_THREADS={env['DECODER_THREADS']}, MAX_CONCURRENT_STREAMS=64) runs once "
+        f"DECODER_THREADS={env.get('DECODER_THREADS', 'unset: half the cores')}, "
+        "MAX_CONCURRENT_STREAMS=64) runs once "
         "per mode (ADMISSION_CONTROL=true/false). "
         "Measured at the client: refused = 429/503 answers; underrun = silences over "
         f"{STALL_FLOOR_S * 1000:g} ms heard by a listener who starts at the first byte "
