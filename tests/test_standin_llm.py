@@ -249,7 +249,8 @@ async def test_tokens_per_chunk(server: StandinServer, client: AsyncOpenAI) -> N
 
 async def test_request_bodies_are_recorded(server: StandinServer, client: AsyncOpenAI) -> None:
     await stream_completion(client, speaker_prompt(), request_id="abc", seed=3)
-    stats = server.stats()
+    # The client has the whole stream before the server's handler has counted it.
+    stats = server.wait_for(lambda s: s["completed"] == 1)
     sent = stats["last_request"]
     assert sent["top_k"] == 50 and sent["temperature"] == 0.8 and sent["top_p"] == 0.95
     assert sent["stop_token_ids"] == STOPS and sent["return_token_ids"] is True
