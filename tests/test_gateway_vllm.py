@@ -152,16 +152,18 @@ def test_concurrent_clients(vllm_gateway):
 
 
 def test_a_client_leaving_stops_the_work_in_vllm(vllm_server, tmp_path):
-    """Twenty sentences asked, the client gone after the first audio: vLLM stops well
-    short of them and runs nothing.
+    """A hundred sentences asked, the client gone after the first audio: vLLM soon runs
+    nothing and writes a small part of them after that.
 
     Every sentence may run ahead of playback here (SEGMENT_LOOKAHEAD), so a gateway that
-    went on would have vLLM write all twenty back to back. Whether one is still inside
+    went on would have vLLM write them all back to back. How many it writes before the
+    gateway sees the client gone (at its next send) is timing, hence the wide bound.
+    Whether one is still inside
     vLLM when the client leaves is timing: the tiny model writes a sentence in a fraction
     of a second, and the gateway reads its tokens as they come, so vLLM may be done with
     the sentence whose tokens are still on their way. The abort itself, at once, is
     tested against the stand-in (test_gateway.py, test_barge_in.py)."""
-    sentences = 20
+    sentences = 100
     text = " ".join(f"Sentensi {i}." for i in range(sentences))
     with (
         GatewayServer(
@@ -184,8 +186,11 @@ def test_a_client_leaving_stops_the_work_in_vllm(vllm_server, tmp_path):
             assert response.status_code == 200
             request_id = response.headers["x-request-id"]
             next(response.iter_bytes())  # first audio, then leave
+        at_leaving = metric(
+            client.get(f"{vllm_server.url}/metrics").text, "vllm:generation_tokens_total"
+        )
         # Until vLLM runs nothing and its count of tokens has settled for a second.
-        settled, last, deadline = 0, -1.0, time.monotonic() + 30
+        settled, last, deadline = 0, -1.0, time.monotonic() + 60
         while time.monotonic() < deadline and settled < 5:
             metrics = client.get(f"{vllm_server.url}/metrics").text
             generated = metric(metrics, "vllm:generation_tokens_total") - before
@@ -194,11 +199,11 @@ def test_a_client_leaving_stops_the_work_in_vllm(vllm_server, tmp_path):
             last = generated
             time.sleep(0.2)
     assert settled >= 5, (running, generated)
-    assert generated < sentences // 2 * (TOKENS_PER_SEGMENT + 1)  # cut well short
+    after_leaving = before + generated - at_leaving
+    assert after_leaving <= sentences // 5 * (TOKENS_PER_SEGMENT + 1), after_leaving
     log = vllm_server.log_path.read_text(errors="replace")
     sent = set(re.findall(rf"Received request cmpl-{request_id}-(\d+)-", log))
-    # The sentences sent to vLLM stop with the client, far short of twenty.
-    assert 1 <= len(sent) < sentences // 2, sorted(sent)
+    assert 1 <= len(sent) < sentences, sorted(sent)
 
 
 def test_streamed_in_text_against_real_vllm(vllm_gateway):
