@@ -67,6 +67,18 @@ INTERMEDIATE = 4864
 VOCAB = spark.VOCAB_SIZE  # 166000
 
 
+def launcher_env(args: argparse.Namespace, dtype_name: str) -> dict[str, str]:
+    """launch_vllm.sh's settings for the CPU server these flags ask for."""
+    env = {
+        "DTYPE": dtype_name,
+        "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
+        "VLLM_CPU_OMP_THREADS_BIND": args.omp_bind,
+    }
+    if args.eager:
+        env["EXTRA_VLLM_ARGS"] = "--enforce-eager"
+    return env
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (x86 `flags`, Arm `Features`) from /proc/cpuinfo."""
     try:
@@ -378,13 +390,7 @@ def run_design(args: argparse.Namespace, streams: list[int]) -> None:
                 write_full_size_model(folder, dtype)
             served = "spark-full"
         print(f"{platform.processor() or platform.machine()}, {cores} cores, {args.model} model")
-        extra = {
-            "DTYPE": dtype_name,
-            "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
-            "VLLM_CPU_OMP_THREADS_BIND": args.omp_bind,
-        }
-        if args.eager:
-            extra["EXTRA_VLLM_ARGS"] = "--enforce-eager"
+        extra = launcher_env(args, dtype_name)
         server = VllmServer(
             folder,
             Path(tmp) / "vllm.log",
@@ -488,13 +494,7 @@ def main() -> None:
             write_full_size_model(folder, dtype)
         build_s = time.perf_counter() - t
         log = Path(tmp) / "vllm.log"
-        extra = {
-            "DTYPE": dtype_name,
-            "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib,
-            "VLLM_CPU_OMP_THREADS_BIND": args.omp_bind,
-        }
-        if args.eager:
-            extra["EXTRA_VLLM_ARGS"] = "--enforce-eager"
+        extra = launcher_env(args, dtype_name)
         server = VllmServer(
             folder,
             log,
